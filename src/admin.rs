@@ -1,0 +1,227 @@
+//! Provisioning and revocation of platforms, whether or not the server runs.
+//!
+//! A running server owns the sled database, so CLI commands reach it through a
+//! Unix socket in the data directory (mode 0600: whoever can read the data
+//! directory is the admin). With no server running, the CLI opens the store
+//! itself. Both paths run the same [`apply`]; only a live server also ends
+//! sessions and reloads TLS. Expensive work (PBKDF2) is done by the CLI before
+//! the request is sent, so the server only stores.
+
+use crate::config::Config;
+use crate::error::{StreamCondition, StreamError};
+use crate::jid::{normalize_local, BareJid};
+use crate::server::Grid;
+use crate::store::{Account, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// One admin operation.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Adds new platforms (names normalised, credentials already derived).
+    AddPlatforms { platforms: Vec<(String, Account)> },
+    /// Records a client certificate issued to a platform.
+    RecordCert { name: String, serial_hex: String },
+    /// Disables a platform: every later login fails, its certificates are
+    /// revoked, its live sessions end now.
+    Revoke { name: String },
+    List,
+}
+
+/// A platform as `platform list` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlatformInfo {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub templates: Vec<String>,
+    pub read_only: bool,
+    pub revoked: bool,
+    pub password: bool,
+    pub certificates: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Added { added: usize, existing: Vec<String> },
+    Recorded,
+    Revoked { sessions_closed: usize, certificates: usize },
+    List { platforms: Vec<PlatformInfo> },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("admin socket: {0}")]
+    Socket(std::io::Error),
+    #[error("admin socket: bad answer: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Largest request line accepted on the socket (an import batch).
+const MAX_REQUEST: u64 = 256 << 20;
+
+/// Carries out a request against `store`. With `live`, the running server also
+/// reloads its TLS configuration and ends revoked sessions. Blocking.
+pub fn apply(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminRequest) -> AdminResponse {
+    match apply_inner(cfg, store, live, req) {
+        Ok(r) => r,
+        Err(e) => AdminResponse::Error { message: e.to_string() },
+    }
+}
+
+fn apply_inner(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminRequest) -> Result<AdminResponse, AdminError> {
+    match req {
+        AdminRequest::AddPlatforms { platforms } => {
+            let mut checked = Vec::with_capacity(platforms.len());
+            for (name, acc) in platforms {
+                let n = normalize_local(&name).map_err(|e| AdminError::Refused(format!("platform name {name:?}: {e}")))?;
+                checked.push((n, acc));
+            }
+            let existing = store.add_accounts(&checked)?;
+            Ok(AdminResponse::Added { added: checked.len() - existing.len(), existing })
+        }
+        AdminRequest::RecordCert { name, serial_hex } => {
+            let mut acc = account(store, &name)?;
+            if acc.revoked {
+                return Err(AdminError::Refused(format!("platform {name} is revoked")));
+            }
+            acc.cert_serials.push(serial_hex);
+            store.put_account(&name, &acc)?;
+            Ok(AdminResponse::Recorded)
+        }
+        AdminRequest::Revoke { name } => {
+            let mut acc = account(store, &name)?;
+            acc.revoked = true;
+            store.put_account(&name, &acc)?;
+            let certificates = acc.cert_serials.len();
+            let sessions_closed = match live {
+                Some(grid) => {
+                    grid.reload_tls().map_err(|e| AdminError::Refused(e.to_string()))?;
+                    let jid = BareJid::new(&name, &cfg.domain).map_err(|e| AdminError::Refused(e.to_string()))?;
+                    grid.router
+                        .sessions()
+                        .close_platform(&jid, &StreamError::with_text(StreamCondition::PolicyViolation, "platform revoked"))
+                }
+                None => {
+                    crate::pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, 30)
+                        .map_err(|e| AdminError::Refused(e.to_string()))?;
+                    0
+                }
+            };
+            tracing::info!(platform = %name, sessions_closed, "platform revoked");
+            Ok(AdminResponse::Revoked { sessions_closed, certificates })
+        }
+        AdminRequest::List => {
+            let mut platforms = Vec::new();
+            for r in store.accounts() {
+                let (name, a) = r?;
+                platforms.push(PlatformInfo {
+                    name,
+                    roles: a.roles,
+                    templates: a.templates,
+                    read_only: a.read_only,
+                    revoked: a.revoked,
+                    password: a.credentials.is_some(),
+                    certificates: a.cert_serials.len(),
+                });
+            }
+            Ok(AdminResponse::List { platforms })
+        }
+    }
+}
+
+fn account(store: &Store, name: &str) -> Result<Account, AdminError> {
+    let n = normalize_local(name).map_err(|e| AdminError::Refused(format!("platform name {name:?}: {e}")))?;
+    store.account(&n)?.ok_or_else(|| AdminError::Refused(format!("no platform named {name}")))
+}
+
+/// Serves the admin socket until shutdown.
+pub async fn serve_socket(grid: Arc<Grid>, _done: mpsc::Sender<()>) {
+    let path = grid.cfg.admin_socket();
+    let _ = std::fs::remove_file(&path); // a stale socket of a previous run (we hold the db lock)
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("admin socket {}: {e}; admin commands need the server stopped", path.display());
+            return;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    let mut shutdown = grid.shutdown.subscribe();
+    loop {
+        let (sock, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+            _ = shutdown.changed() => break,
+        };
+        let grid = grid.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut lines = tokio::io::BufReader::new(r.take(MAX_REQUEST));
+            let mut line = String::new();
+            while matches!(lines.read_line(&mut line).await, Ok(n) if n > 0) {
+                let resp = match serde_json::from_str::<AdminRequest>(&line) {
+                    Ok(req) => {
+                        let g = grid.clone();
+                        tokio::task::spawn_blocking(move || apply(&g.cfg, &g.store, Some(&g), req))
+                            .await
+                            .unwrap_or(AdminResponse::Error { message: "admin task failed".into() })
+                    }
+                    Err(e) => AdminResponse::Error { message: format!("bad request: {e}") },
+                };
+                line.clear();
+                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// How the CLI reaches the grid's state.
+pub enum Admin {
+    Server(BufReader<std::os::unix::net::UnixStream>),
+    Local(Store),
+}
+
+impl Admin {
+    /// Connects to the running server, or opens the store when none runs.
+    pub fn connect(cfg: &Config) -> Result<Admin, AdminError> {
+        match std::os::unix::net::UnixStream::connect(cfg.admin_socket()) {
+            Ok(s) => Ok(Admin::Server(BufReader::new(s))),
+            Err(_) => Ok(Admin::Local(Store::open(&cfg.db_dir())?)),
+        }
+    }
+
+    /// Sends one request and returns the answer; an `Error` answer becomes `Err`.
+    pub fn call(&mut self, cfg: &Config, req: AdminRequest) -> Result<AdminResponse, AdminError> {
+        let resp = match self {
+            Admin::Local(store) => apply(cfg, store, None, req),
+            Admin::Server(s) => {
+                let mut line = serde_json::to_vec(&req).map_err(|e| AdminError::Protocol(e.to_string()))?;
+                line.push(b'\n');
+                s.get_mut().write_all(&line).map_err(AdminError::Socket)?;
+                let mut answer = String::new();
+                s.read_line(&mut answer).map_err(AdminError::Socket)?;
+                serde_json::from_str(&answer).map_err(|e| AdminError::Protocol(e.to_string()))?
+            }
+        };
+        match resp {
+            AdminResponse::Error { message } => Err(AdminError::Refused(message)),
+            r => Ok(r),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The `xmpp-grid` command line: parse arguments, load config, call the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use xmpp_grid::admin::{Admin, AdminRequest, AdminResponse};
+use xmpp_grid::config::{self, Config};
+use xmpp_grid::{pki, provision, server};
+
+#[derive(Parser)]
+#[command(name = "xmpp-grid", version, about = "XMPP-Grid Controller and Broker (RFC 8600)")]
+struct Cli {
+    /// Configuration file (default: ./grid.toml if present, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller; the first run creates what is missing.
+    Serve,
+    /// Write grid.toml and generate the CA and server certificate.
+    Init {
+        #[arg(long, default_value = "localhost")]
+        domain: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Validate the configuration and TLS material; exit non-zero on error.
+    Check,
+    /// Provision, list and revoke platforms.
+    #[command(subcommand)]
+    Platform(PlatformCmd),
+}
+
+#[derive(Subcommand)]
+enum PlatformCmd {
+    /// Add a platform (certificate-only unless --password-stdin).
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Bulk-provision from CSV: header `name,password,roles,templates`.
+    Import { file: PathBuf },
+    /// Issue a client certificate (xmppAddr SAN) signed by the grid CA.
+    Cert {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Disable a platform, revoke its certificates and end its sessions now.
+    Revoke { name: String },
+    /// List platforms.
+    List,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        // Print the cause chain once: many errors already include their source's text.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg = format!("{msg}: {c}");
+            }
+        }
+        eprintln!("xmpp-grid: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    let default = Path::new("grid.toml");
+    let path = path.or_else(|| default.exists().then_some(default));
+    Ok(Config::load(path)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { domain, dir } => init(&domain, &dir),
+        Cmd::Serve => serve(load_config(cli.config.as_deref())?),
+        Cmd::Check => {
+            let cfg = load_config(cli.config.as_deref())?;
+            check(&cfg)
+        }
+        Cmd::Platform(p) => {
+            let cfg = load_config(cli.config.as_deref())?;
+            platform(&cfg, p)
+        }
+    }
+}
+
+fn init(domain: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join("grid.toml");
+    if path.exists() {
+        println!("{} exists; kept", path.display());
+    } else {
+        std::fs::write(&path, config::default_toml(domain)).with_context(|| format!("write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let cfg = Config::load(Some(&path))?;
+    std::fs::create_dir_all(&cfg.policies.dir)?;
+    std::fs::create_dir_all(&cfg.plugins.dir)?;
+    pki::ensure_ca_and_server(&cfg.tls_dir(), &cfg.domain, &[cfg.broker_jid()])?;
+    println!("grid CA: {}", cfg.tls_dir().join("ca.pem").display());
+    println!("next: xmpp-grid --config {} serve", path.display());
+    Ok(())
+}
+
+fn check(cfg: &Config) -> Result<()> {
+    // Building the grid validates certificates and keys without serving.
+    let dir = cfg.tls_dir();
+    if cfg.tls.cert.is_none() && !dir.join("server.pem").exists() {
+        println!("config ok; certificates will be generated in {} on first start", dir.display());
+        return Ok(());
+    }
+    let settings = xmpp_grid::tls::TlsSettings {
+        cert_chain_pem: cfg.tls.cert.clone().unwrap_or_else(|| dir.join("server.pem")),
+        key_pem: cfg.tls.key.clone().unwrap_or_else(|| dir.join("server.key")),
+        client_ca_pems: std::iter::once(dir.join("ca.pem")).chain(cfg.tls.client_ca.iter().cloned()).collect(),
+        crl_pems: std::iter::once(dir.join("crl.pem")).chain(cfg.tls.crl.iter().cloned()).collect(),
+    };
+    xmpp_grid::tls::server_config(&settings, &[])?;
+    println!("config ok: domain {}, TLS material valid", cfg.domain);
+    Ok(())
+}
+
+fn serve(cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let grid = tokio::task::spawn_blocking(move || server::Grid::open(cfg)).await??;
+        let running = server::start(grid.clone()).await?;
+        print_welcome(&grid.cfg, &running);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn print_welcome(cfg: &Config, r: &server::Running) {
+    let ca = cfg.tls_dir().join("ca.pem");
+    let ca = std::fs::canonicalize(&ca).unwrap_or(ca);
+    let show = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    println!("xmpp-grid controller for domain {} is running", cfg.domain);
+    println!("  STARTTLS:   {}", show(r.starttls_addr));
+    println!("  direct TLS: {}", show(r.direct_tls_addr));
+    println!("  broker:     {}", cfg.broker_jid());
+    println!("  grid CA:    {}  (clients must trust it)", ca.display());
+    println!("add a platform (in another terminal):");
+    println!("  echo 's3cret' | xmpp-grid platform add sensor1 --password-stdin");
+    println!("  xmpp-grid platform cert sensor1 --out certs/   # for certificate (SASL EXTERNAL) login");
+    println!("connect any XMPP client as sensor1@{} to {} (STARTTLS), trusting the grid CA", cfg.domain, show(r.starttls_addr));
+    println!("stop with Ctrl-C");
+}
+
+fn platform(cfg: &Config, cmd: PlatformCmd) -> Result<()> {
+    // The CA signs certificates and CRLs: make sure it exists even before the first `serve`.
+    pki::ensure_ca_and_server(&cfg.tls_dir(), &cfg.domain, &[cfg.broker_jid()])?;
+    let mut admin = Admin::connect(cfg)?;
+    match cmd {
+        PlatformCmd::Add { name, password_stdin, roles, templates, read_only } => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                let p = line.trim_end_matches(['\r', '\n']).to_string();
+                if p.is_empty() {
+                    bail!("empty password on standard input");
+                }
+                p
+            } else {
+                String::new()
+            };
+            let row = provision::ImportRow { name: xmpp_grid::jid::normalize_local(&name)?, password, roles, templates };
+            let accounts = provision::accounts(vec![row], read_only, cfg.auth.scram_iterations).map_err(anyhow::Error::msg)?;
+            match admin.call(cfg, AdminRequest::AddPlatforms { platforms: accounts })? {
+                AdminResponse::Added { existing, .. } if !existing.is_empty() => bail!("platform {name} already exists"),
+                _ => println!("added {}@{}", name.to_lowercase(), cfg.domain),
+            }
+        }
+        PlatformCmd::Import { file } => {
+            let start = std::time::Instant::now();
+            let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let rows = provision::parse_csv(&text)?;
+            let total = rows.len();
+            let accounts = provision::accounts(rows, false, cfg.auth.scram_iterations).map_err(anyhow::Error::msg)?;
+            let (mut added, mut existing) = (0, Vec::new());
+            for batch in accounts.chunks(5000) {
+                if let AdminResponse::Added { added: a, existing: e } =
+                    admin.call(cfg, AdminRequest::AddPlatforms { platforms: batch.to_vec() })?
+                {
+                    added += a;
+                    existing.extend(e);
+                }
+            }
+            println!("imported {added} of {total} platforms in {:.1} s", start.elapsed().as_secs_f64());
+            if !existing.is_empty() {
+                println!("{} already existed and were left unchanged: {}", existing.len(), existing.iter().take(10).cloned().collect::<Vec<_>>().join(", "));
+            }
+        }
+        PlatformCmd::Cert { name, out, days } => {
+            let local = xmpp_grid::jid::normalize_local(&name)?;
+            let jid = format!("{local}@{}", cfg.domain);
+            let issued = pki::issue_client_cert(&cfg.tls_dir(), &jid, days)?;
+            admin.call(cfg, AdminRequest::RecordCert { name: local.clone(), serial_hex: issued.serial_hex.clone() })?;
+            std::fs::create_dir_all(&out)?;
+            let cert = out.join(format!("{local}.pem"));
+            let key = out.join(format!("{local}.key"));
+            std::fs::write(&cert, &issued.cert_pem)?;
+            write_private(&key, issued.key_pem.as_bytes())?;
+            std::fs::copy(cfg.tls_dir().join("ca.pem"), out.join("ca.pem"))?;
+            println!("wrote {} and {} (serial {}, valid until {}) and ca.pem", cert.display(), key.display(), issued.serial_hex, issued.not_after);
+        }
+        PlatformCmd::Revoke { name } => {
+            if let AdminResponse::Revoked { sessions_closed, certificates } = admin.call(cfg, AdminRequest::Revoke { name: name.clone() })? {
+                println!("revoked {name}: {certificates} certificate(s) on the CRL, {sessions_closed} live session(s) ended");
+            }
+        }
+        PlatformCmd::List => {
+            if let AdminResponse::List { platforms } = admin.call(cfg, AdminRequest::List)? {
+                for p in platforms {
+                    let mut flags = Vec::new();
+                    if p.revoked { flags.push("revoked"); }
+                    if p.read_only { flags.push("read-only"); }
+                    if p.password { flags.push("password"); }
+                    println!("{}@{}\troles={}\ttemplates={}\tcerts={}\t{}", p.name, cfg.domain, p.roles.join(";"), p.templates.join(";"), p.certificates, flags.join(","));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
+    f.write_all(data)?;
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! The running controller: shared state ([`Grid`]), listeners, connection
+//! permits, and graceful shutdown (every stream closed with `system-shutdown`).
+//!
+//! Accept loops only accept: TLS handshakes and everything else run in the
+//! connection's own task (STYLE §4).
+
+use crate::authz::{AllowAll, Authorize};
+use crate::config::Config;
+use crate::jid::{normalize_local, BareJid};
+use crate::limits::{AuthThrottle, ConnectionCounter};
+use crate::router::Router;
+use crate::sasl::{AccountAuth, AccountLookup};
+use crate::session::Sessions;
+use crate::store::{Store, StoreError};
+use crate::{pki, tls};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// The TLS configurations in force; replaced whole after a revocation.
+pub struct TlsState {
+    pub starttls: Arc<rustls::ServerConfig>,
+    pub direct: Arc<rustls::ServerConfig>,
+    /// Our leaf certificate, for tls-server-end-point channel binding.
+    pub server_cert_der: Vec<u8>,
+}
+
+/// Everything the connections of one controller share.
+pub struct Grid {
+    pub cfg: Config,
+    pub domain: BareJid,
+    pub store: Store,
+    pub router: Arc<Router>,
+    pub authz: Arc<dyn Authorize>,
+    pub throttle: AuthThrottle,
+    /// Key for the SCRAM decoy answers to unknown users.
+    pub decoy_secret: [u8; 32],
+    tls: RwLock<Arc<TlsState>>,
+    pub conns: Arc<ConnectionCounter>,
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Statistics of the default CRL lifetime: re-signed at every start and revocation.
+const CRL_DAYS: u32 = 30;
+
+impl Grid {
+    /// Prepares a controller from its config: certificates (generated on first
+    /// run), the database, TLS. Blocking: call before serving or on the blocking pool.
+    pub fn open(cfg: Config) -> Result<Arc<Grid>, ServerError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|source| ServerError::Io { what: format!("create {}", cfg.data_dir.display()), source })?;
+        let domain = BareJid::domain(&cfg.domain).map_err(|e| ServerError::Io {
+            what: "domain".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let broker = BareJid::domain(&cfg.broker_jid()).map_err(|e| ServerError::Io {
+            what: "broker.jid".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        pki::ensure_ca_and_server(&cfg.tls_dir(), &cfg.domain, &[cfg.broker_jid()])?;
+        let store = Store::open(&cfg.db_dir())?;
+        let decoy_secret = store.secret("scram-decoy")?;
+        pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, CRL_DAYS)?;
+        let tls = build_tls(&cfg)?;
+        let sessions = Arc::new(Sessions::default());
+        let router = Arc::new(Router::new(domain.clone(), sessions, vec![(broker, "XMPP-Grid Broker".into())]));
+        let throttle = AuthThrottle::new(
+            cfg.auth.failures_before_delay,
+            Duration::from_millis(cfg.auth.max_failure_delay_ms),
+            Duration::from_secs(cfg.auth.failure_window_secs),
+        );
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Grid {
+            conns: ConnectionCounter::new(cfg.limits.max_connections_per_ip),
+            cfg,
+            domain,
+            store,
+            router,
+            authz: Arc::new(AllowAll),
+            throttle,
+            decoy_secret,
+            tls: RwLock::new(Arc::new(tls)),
+            shutdown,
+        }))
+    }
+
+    /// The TLS configurations for new connections.
+    pub fn tls(&self) -> Arc<TlsState> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-signs the CRL from the store and rebuilds TLS with fresh session caches,
+    /// so that neither a new handshake nor a resumed session admits a revoked
+    /// certificate (network-stack notes, pitfall 6). Blocking.
+    pub fn reload_tls(&self) -> Result<(), ServerError> {
+        pki::write_crl(&self.cfg.tls_dir(), &self.store.revoked_serials()?, CRL_DAYS)?;
+        let t = build_tls(&self.cfg)?;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+        Ok(())
+    }
+
+    /// The account of a localpart if it may log in (exists and is not revoked).
+    pub fn lookup_account(&self, local: &str) -> Option<AccountAuth> {
+        let local = normalize_local(local).ok()?;
+        match self.store.account(&local) {
+            Ok(Some(a)) if !a.revoked => Some(AccountAuth { localpart: local, credentials: a.credentials }),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!("account lookup for {local}: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl AccountLookup for Grid {
+    fn lookup(&self, localpart: &str) -> Option<AccountAuth> {
+        self.lookup_account(localpart)
+    }
+}
+
+fn build_tls(cfg: &Config) -> Result<TlsState, ServerError> {
+    let dir = cfg.tls_dir();
+    let mut client_ca = vec![dir.join("ca.pem")];
+    client_ca.extend(cfg.tls.client_ca.iter().cloned());
+    let mut crl = vec![dir.join("crl.pem")];
+    crl.extend(cfg.tls.crl.iter().cloned());
+    let settings = tls::TlsSettings {
+        cert_chain_pem: cfg.tls.cert.clone().unwrap_or_else(|| dir.join("server.pem")),
+        key_pem: cfg.tls.key.clone().unwrap_or_else(|| dir.join("server.key")),
+        client_ca_pems: client_ca,
+        crl_pems: crl,
+    };
+    let starttls = tls::server_tls(&settings, &[])?;
+    Ok(TlsState {
+        direct: tls::server_config(&settings, &[tls::ALPN_XMPP_CLIENT])?,
+        server_cert_der: starttls.leaf_der.to_vec(),
+        starttls: starttls.config,
+    })
+}
+
+/// A controller that is serving.
+pub struct Running {
+    pub grid: Arc<Grid>,
+    pub starttls_addr: Option<SocketAddr>,
+    pub direct_tls_addr: Option<SocketAddr>,
+    done: mpsc::Receiver<()>,
+    accept_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the listeners and starts serving.
+pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
+    let (done_tx, done) = mpsc::channel::<()>(1);
+    let permits = Arc::new(Semaphore::new(grid.cfg.limits.max_connections));
+    let mut accept_tasks = Vec::new();
+    let mut addrs = [None, None];
+    for (i, (addr, direct)) in [(&grid.cfg.listen.starttls, false), (&grid.cfg.listen.direct_tls, true)]
+        .into_iter()
+        .enumerate()
+    {
+        if addr.is_empty() {
+            continue;
+        }
+        let listener = TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|source| ServerError::Io { what: format!("listen on {addr}"), source })?;
+        addrs[i] = listener.local_addr().ok();
+        accept_tasks.push(tokio::spawn(accept_loop(grid.clone(), listener, direct, permits.clone(), done_tx.clone())));
+    }
+    accept_tasks.push(tokio::spawn(crate::admin::serve_socket(grid.clone(), done_tx.clone())));
+    Ok(Running { grid, starttls_addr: addrs[0], direct_tls_addr: addrs[1], done, accept_tasks })
+}
+
+async fn accept_loop(grid: Arc<Grid>, listener: TcpListener, direct: bool, permits: Arc<Semaphore>, done: mpsc::Sender<()>) {
+    let mut shutdown = grid.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning (mini-redis server.rs).
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection refused: limits.max_connections reached");
+            continue;
+        };
+        let Some(slot) = grid.conns.acquire(peer.ip()) else {
+            tracing::warn!(%peer, "connection refused: limits.max_connections_per_ip reached");
+            continue;
+        };
+        let grid = grid.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            crate::stream::negotiation::handle(grid, tcp, peer, direct, slot).await;
+            drop(permit);
+            drop(done);
+        });
+    }
+}
+
+impl Running {
+    /// Stops accepting, ends every stream with `system-shutdown`, waits (bounded)
+    /// for connections to finish, and makes the store durable.
+    pub async fn shutdown(mut self) {
+        let _ = self.grid.shutdown.send(true);
+        for t in &self.accept_tasks {
+            t.abort();
+        }
+        for t in self.accept_tasks.drain(..) {
+            let _ = t.await;
+        }
+        // Every connection task holds a sender; recv() returns None once all are gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.done.recv()).await;
+        let store = self.grid.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+}

@@ -1,0 +1,244 @@
+//! One task per connection: reading and writing XML over TCP or TLS, timeouts,
+//! the read-rate limit, and the bound session's loop (inbound stanzas to the
+//! router, outbound queue to the socket, close requests from elsewhere).
+//!
+//! Reads use `read_buf` into the parser's buffer, which is cancel-safe, so the
+//! loop can `select!` between reading, writing and being told to close. No
+//! stanza logic lives here.
+
+pub mod negotiation;
+pub mod parser;
+
+use crate::error::{StreamCondition, StreamError};
+use crate::limits::ReadRate;
+use crate::ns;
+use crate::router::Router;
+use crate::session::SessionHandle;
+use crate::xml::Element;
+use bytes::Bytes;
+use parser::{Event, Parser};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// How a connection ended, or must end.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The peer closed the TCP connection or the stream.
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// We end the stream with this error.
+    #[error("stream error: {0}")]
+    Stream(StreamError),
+    /// Drop the connection without another byte (e.g. plaintext injected after STARTTLS).
+    #[error("aborted: {0}")]
+    Abort(&'static str),
+}
+
+impl From<StreamError> for ConnError {
+    fn from(e: StreamError) -> Self {
+        ConnError::Stream(e)
+    }
+}
+
+/// An XML stream over some byte transport.
+pub struct XmlConn<S> {
+    pub io: S,
+    pub parser: Parser,
+    /// Bytes waiting to be written; reused between writes.
+    out: Vec<u8>,
+    rate: ReadRate,
+    /// Reads pause until then (read-rate limit).
+    resume_at: Option<Instant>,
+    /// The next read must complete by then (negotiation or idle timeout).
+    pub deadline: Instant,
+    shutdown: watch::Receiver<bool>,
+    header_sent: bool,
+    domain: String,
+}
+
+impl<S> XmlConn<S> {
+    /// Takes the transport out (for the TLS handshake), keeping the stream state.
+    pub fn into_io(self) -> (S, XmlConn<()>) {
+        let XmlConn { io, parser, out, rate, resume_at, deadline, shutdown, header_sent: _, domain } = self;
+        (io, XmlConn { io: (), parser, out, rate, resume_at, deadline, shutdown, header_sent: false, domain })
+    }
+}
+
+impl XmlConn<()> {
+    /// Puts the stream state onto a new transport; a new stream starts on it.
+    pub fn with_io<T>(self, io: T) -> XmlConn<T> {
+        let XmlConn { io: (), parser, out, rate, resume_at, deadline, shutdown, header_sent: _, domain } = self;
+        XmlConn { io, parser, out, rate, resume_at, deadline, shutdown, header_sent: false, domain }
+    }
+}
+
+/// Largest write buffer kept between writes; larger ones are released.
+const OUT_KEEP: usize = 16 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
+    pub fn new(io: S, parser: Parser, rate: ReadRate, deadline: Instant, shutdown: watch::Receiver<bool>, domain: String) -> Self {
+        XmlConn { io, parser, out: Vec::new(), rate, resume_at: None, deadline, shutdown, header_sent: false, domain }
+    }
+
+    /// Reads more bytes into the parser. Cancel-safe: it may be dropped at any await.
+    pub async fn read_more(&mut self) -> Result<(), ConnError> {
+        if *self.shutdown.borrow() {
+            return Err(StreamError::new(StreamCondition::SystemShutdown).into());
+        }
+        if let Some(t) = self.resume_at {
+            tokio::time::sleep_until(t).await;
+            self.resume_at = None;
+        }
+        let buf = self.parser.buffer_mut();
+        buf.reserve(4096);
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(self.deadline, self.io.read_buf(buf)) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(StreamError::new(StreamCondition::ConnectionTimeout).into()),
+            },
+            _ = self.shutdown.changed() => return Err(StreamError::new(StreamCondition::SystemShutdown).into()),
+        };
+        if n == 0 {
+            return Err(ConnError::Closed);
+        }
+        if let Some(pause) = self.rate.consume(n) {
+            self.resume_at = Some(Instant::now() + pause);
+        }
+        Ok(())
+    }
+
+    /// The next parsed event, reading as needed.
+    pub async fn next_event(&mut self) -> Result<Event, ConnError> {
+        loop {
+            match self.parser.next_event() {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => self.read_more().await?,
+                Err(e) => return Err(StreamError::with_text(StreamCondition::from_name(e.condition()), e.to_string()).into()),
+            }
+        }
+    }
+
+    /// The next stanza; a stream close or a repeated header ends the connection.
+    pub async fn next_stanza(&mut self) -> Result<Element, ConnError> {
+        match self.next_event().await? {
+            Event::Stanza(e) => Ok(e),
+            Event::Close => Err(ConnError::Closed),
+            Event::Open(_) => Err(StreamError::with_text(StreamCondition::NotWellFormed, "unexpected stream header").into()),
+        }
+    }
+
+    /// Our stream header (RFC 6120 §4.7), answering the client's.
+    pub fn queue_header(&mut self, stream_id: &str) {
+        self.out.extend_from_slice(b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0' xml:lang='en' id='");
+        self.out.extend_from_slice(stream_id.as_bytes());
+        self.out.extend_from_slice(b"' from='");
+        self.out.extend_from_slice(quick_xml::escape::escape(self.domain.as_str()).as_bytes());
+        self.out.extend_from_slice(b"'>");
+        self.header_sent = true;
+    }
+
+    pub fn queue(&mut self, e: &Element) {
+        e.write_to(&mut self.out, ns::CLIENT);
+    }
+
+    pub fn queue_bytes(&mut self, b: &[u8]) {
+        self.out.extend_from_slice(b);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+            if self.out.capacity() > OUT_KEEP {
+                self.out = Vec::new();
+            }
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, e: &Element) -> Result<(), ConnError> {
+        self.queue(e);
+        self.flush().await
+    }
+
+    /// Ends the stream: the error (if any), `</stream:stream>`, then TCP shutdown.
+    /// Bounded in time so that a peer that stops reading cannot hold us.
+    pub async fn close(&mut self, error: Option<&StreamError>) {
+        if !self.header_sent {
+            self.queue_header("error");
+        }
+        if let Some(e) = error {
+            self.queue(&e.to_element());
+        }
+        self.out.extend_from_slice(b"</stream:stream>");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.flush().await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+
+    /// A new random stream id.
+    pub fn new_stream_id() -> String {
+        let mut b = [0u8; 12];
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
+
+/// Runs a bound session until it ends: inbound stanzas go to the router, queued
+/// outbound stanzas to the socket. Returns the error to end the stream with.
+pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut XmlConn<S>,
+    router: &Router,
+    handle: &SessionHandle,
+    rx: &mut mpsc::Receiver<Bytes>,
+    idle: Duration,
+) -> Result<(), ConnError> {
+    conn.deadline = Instant::now() + idle;
+    loop {
+        loop {
+            match conn.parser.next_event() {
+                Ok(Some(Event::Stanza(s))) => router.route(handle, s)?,
+                Ok(Some(Event::Close)) => return Err(ConnError::Closed),
+                Ok(Some(Event::Open(_))) => {
+                    return Err(StreamError::with_text(StreamCondition::NotWellFormed, "unexpected stream header").into());
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(StreamError::with_text(StreamCondition::from_name(e.condition()), e.to_string()).into());
+                }
+            }
+        }
+        conn.parser.shrink_idle();
+        tokio::select! {
+            biased;
+            reason = handle.closed() => return Err(reason.into()),
+            Some(first) = rx.recv() => {
+                conn.queue_bytes(&first);
+                while conn.out.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(b) => conn.queue_bytes(&b),
+                        Err(_) => break,
+                    }
+                }
+                // A client that stops reading must not pin us in write_all: a close
+                // request (e.g. its queue overflowed meanwhile) interrupts the write.
+                tokio::select! {
+                    r = conn.flush() => r?,
+                    reason = handle.closed() => return Err(ConnError::Stream(reason)),
+                }
+            }
+            r = conn.read_more() => {
+                r?;
+                conn.deadline = Instant::now() + idle;
+            }
+        }
+    }
+}
