@@ -147,3 +147,76 @@ fn init_and_check_create_a_valid_grid() {
     assert!(!ok && out.contains("limits.max_depth"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `xmpp-grid serve` with no config and no files: a working grid on localhost
+/// (default ports 5222/5223), certificates generated, a newcomer told what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_no_config_runs_a_grid_on_localhost() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = temp_dir("zero");
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    let read = async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            banner.push_str(&l);
+            banner.push('\n');
+            if l.contains("stop with Ctrl-C") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("no banner");
+    assert!(banner.contains("domain localhost") && banner.contains("127.0.0.1:5222") && banner.contains("127.0.0.1:5223"), "{banner}");
+    assert!(banner.contains("ca.pem") && banner.contains("platform add"), "{banner}");
+    assert!(dir.join("data/tls/ca.pem").exists());
+    // A platform added while it runs can log in over STARTTLS on the default port.
+    let (ok, out) = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            let out = Command::new(BIN)
+                .args(["platform", "add", "sensor1", "--password-stdin"])
+                .current_dir(&dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(b"pw\n")?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let tcp = tokio::net::TcpStream::connect("127.0.0.1:5222").await.unwrap();
+    let mut c = Raw::new(tcp);
+    c.send(&HEADER.replace("grid.test", "localhost")).await;
+    let f = c.read_until("</stream:features>").await;
+    assert!(f.contains("<required/>"), "{f}");
+    // SIGTERM: graceful shutdown, the open stream gets system-shutdown.
+    let pid = child.id().unwrap() as i32;
+    unsafe_kill(pid);
+    let r = c.read_to_close().await;
+    assert!(r.contains("<system-shutdown"), "{r}");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn unsafe_kill(pid: i32) {
+    // No libc dependency for one signal: the kill(1) command does it.
+    let ok = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap().success();
+    assert!(ok);
+}

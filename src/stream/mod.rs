@@ -77,7 +77,7 @@ impl XmlConn<()> {
 }
 
 /// Largest write buffer kept between writes; larger ones are released.
-const OUT_KEEP: usize = 16 * 1024;
+const OUT_KEEP: usize = 2048;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
     pub fn new(io: S, parser: Parser, rate: ReadRate, deadline: Instant, shutdown: watch::Receiver<bool>, domain: String) -> Self {

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"; .ci/run runs exactly this).
+# Installs what the tests need, idempotently, then runs every test:
+# unit, protocol (real TLS on loopback, real sled), CLI, and interop with
+# independent XMPP clients (slixmpp, aioxmpp, go-sendxmpp, xmppc, openssl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages for the interop tests.
+pkgs=(python3-slixmpp python3-aioxmpp go-sendxmpp xmppc openssl)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -q
+  $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The tests open a few hundred sockets at once at most; make sure the soft limit allows it.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# Benches are programs that print figures (docs/benchmarks.md), not tests.
+cargo test --locked --lib --bins --tests
