@@ -28,8 +28,9 @@ pub enum JidError {
     BadChar(char),
 }
 
-/// A bare JID (`local@domain` or just `domain`), normalised.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A bare JID (`local@domain` or just `domain`), normalised. Stored as its string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct BareJid {
     local: Option<String>,
     domain: String,
@@ -136,6 +137,19 @@ impl BareJid {
             Jid::Bare(b) => Ok(b),
             Jid::Full(_) => Err(JidError::BadChar('/')),
         }
+    }
+}
+
+impl TryFrom<String> for BareJid {
+    type Error = JidError;
+    fn try_from(s: String) -> Result<Self, JidError> {
+        BareJid::parse(&s)
+    }
+}
+
+impl From<BareJid> for String {
+    fn from(j: BareJid) -> String {
+        j.to_string()
     }
 }
 

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod ns;
 pub mod pki;
 pub mod provision;
+pub mod pubsub;
 pub mod router;
 pub mod sasl;
 pub mod server;

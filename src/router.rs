@@ -6,7 +6,7 @@
 
 use crate::disco::{self, Identity};
 use crate::error::{StanzaError, StreamCondition, StreamError};
-use crate::jid::{BareJid, FullJid, Jid};
+use crate::jid::{BareJid, Jid};
 use crate::ns;
 use crate::session::{SessionHandle, Sessions};
 use crate::xml::Element;
@@ -16,9 +16,13 @@ use std::sync::{Arc, RwLock};
 
 /// A service at its own address below the domain (the broker at `broker.<domain>`).
 pub trait Component: Send + Sync {
-    /// Handles a stanza addressed to the component; `from` is the sender's stamped
-    /// full JID. Replies and notifications go out through the [`Router`].
-    fn handle(&self, router: &Router, from: &FullJid, stanza: Element);
+    /// Handles a stanza addressed to the component, sent by `session` (its `from`
+    /// already stamped). Replies and notifications go out through the sessions.
+    fn handle(&self, session: &Arc<SessionHandle>, stanza: Element);
+
+    /// A session became available (initial presence) or unavailable (presence
+    /// unavailable, or the session ended). Offline delivery hangs on this.
+    fn presence(&self, session: &Arc<SessionHandle>, available: bool);
 }
 
 /// Routes stanzas of bound sessions.
@@ -53,7 +57,7 @@ impl Router {
     }
 
     /// Routes one stanza sent by `session`. A returned error ends that stream.
-    pub fn route(&self, session: &SessionHandle, mut stanza: Element) -> Result<(), StreamError> {
+    pub fn route(&self, session: &Arc<SessionHandle>, mut stanza: Element) -> Result<(), StreamError> {
         if stanza.ns != ns::CLIENT || !matches!(stanza.name.as_str(), "message" | "presence" | "iq") {
             return Err(StreamError::with_text(
                 StreamCondition::UnsupportedStanzaType,
@@ -97,7 +101,7 @@ impl Router {
                     self.components.read().unwrap_or_else(|p| p.into_inner()).get(s).cloned()
                 });
                 match component {
-                    Some(c) => c.handle(self, &session.jid, stanza),
+                    Some(c) => c.handle(session, stanza),
                     None if self.services.iter().any(|(j, _)| Some(j) == service.as_ref()) => {
                         self.reply_error(session, &stanza, StanzaError::new("service-unavailable"))
                     }
@@ -131,7 +135,7 @@ impl Router {
 
     /// Stanzas without `to` are handled on behalf of the sender's own account
     /// (RFC 6120 §10.3.3; presence: RFC 6121 §4.2 broadcast).
-    fn to_own_account(&self, session: &SessionHandle, stanza: Element) {
+    fn to_own_account(&self, session: &Arc<SessionHandle>, stanza: Element) {
         match stanza.name.as_str() {
             "presence" => self.own_presence(session, &stanza),
             "iq" => self.account_iq(session, session.jid.bare(), stanza),
@@ -141,7 +145,7 @@ impl Router {
 
     /// Undirected presence: availability and priority of this session, shown to the
     /// platform's other sessions. Platforms have no rosters, so it goes no further.
-    fn own_presence(&self, session: &SessionHandle, p: &Element) {
+    fn own_presence(&self, session: &Arc<SessionHandle>, p: &Element) {
         let available = match p.attr("type") {
             None => true,
             Some("unavailable") => false,
@@ -151,7 +155,11 @@ impl Router {
             .child("priority", ns::CLIENT)
             .and_then(|e| e.text().trim().parse::<i8>().ok())
             .unwrap_or(0);
+        let was = session.is_available();
         session.set_presence(available, priority.into());
+        if was != available {
+            self.tell_components(session, available);
+        }
         let bytes = Bytes::from(p.to_bytes(ns::CLIENT));
         for s in self.sessions.of(session.jid.bare()) {
             if s.id != session.id && s.is_available() {
@@ -289,6 +297,22 @@ impl Router {
     pub fn reply_error(&self, session: &SessionHandle, stanza: &Element, error: StanzaError) {
         if let Some(r) = error.reply_to(stanza) {
             let _ = session.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
+        }
+    }
+
+    /// A session ended: it leaves the registry and components learn it is gone.
+    pub fn session_ended(&self, session: &Arc<SessionHandle>) {
+        self.sessions.unbind(session);
+        if session.is_available() {
+            session.set_presence(false, 0);
+            self.tell_components(session, false);
+        }
+    }
+
+    fn tell_components(&self, session: &Arc<SessionHandle>, available: bool) {
+        let list: Vec<_> = self.components.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for c in list {
+            c.presence(session, available);
         }
     }
 

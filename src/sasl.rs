@@ -218,6 +218,9 @@ pub struct SaslContext {
     pub decoy_secret: [u8; 32],
     /// Iteration count of decoy keys; must equal the count real accounts use.
     pub decoy_iterations: u32,
+    /// Set when the client tried -PLUS with a channel-binding type we do not have:
+    /// its later `y` flag then reflects a type mismatch, not a stripped mechanism list.
+    pub cb_type_unsupported: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SaslContext {
@@ -418,6 +421,7 @@ pub(crate) mod tests {
             cert,
             decoy_secret: [7; 32],
             decoy_iterations: ITER,
+            cb_type_unsupported: Default::default(),
         })
     }
 

@@ -8,15 +8,43 @@ use crate::error::{StreamCondition, StreamError};
 use crate::jid::{BareJid, FullJid};
 use bytes::Bytes;
 use std::collections::HashMap;
+use crate::authz;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, Notify};
+
+/// One entry of a session's outbound queue.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A complete serialized stanza.
+    Stanza(Bytes),
+    /// A message serialized once for many recipients, without its start:
+    /// the session writes `<message to='its own JID'` and then `rest`. So a
+    /// pubsub notification is serialized once per publish, not per subscriber.
+    ToSelf { rest: Bytes, ack: Option<Ack> },
+}
+
+/// Raised once the stanza carrying it has been written to the socket: offline
+/// delivery resumes after the highest such `seq` (pubsub cursor).
+#[derive(Debug)]
+pub struct Ack {
+    pub cursor: Arc<AtomicU64>,
+    pub seq: u64,
+}
+
+impl From<Bytes> for Outbound {
+    fn from(b: Bytes) -> Self {
+        Outbound::Stanza(b)
+    }
+}
 
 /// The shared half of one bound session.
 pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
-    tx: mpsc::Sender<Bytes>,
+    /// How the platform logged in (for authorization decisions on its requests).
+    pub context: authz::Context,
+    tx: mpsc::Sender<Outbound>,
     close_reason: Mutex<Option<StreamError>>,
     close_signal: Notify,
     /// Sent available presence (RFC 6121 §4.2); unavailable sessions get no bare-JID messages.
@@ -34,9 +62,9 @@ pub enum DeliverError {
 }
 
 impl SessionHandle {
-    /// Queues a serialised stanza without waiting.
-    pub fn deliver(&self, stanza: Bytes) -> Result<(), DeliverError> {
-        match self.tx.try_send(stanza) {
+    /// Queues a stanza without waiting.
+    pub fn deliver(&self, stanza: impl Into<Outbound>) -> Result<(), DeliverError> {
+        match self.tx.try_send(stanza.into()) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(DeliverError::Closed),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -69,6 +97,11 @@ impl SessionHandle {
         }
     }
 
+    /// Free places in the outbound queue (catch-up pauses instead of overflowing it).
+    pub fn free_slots(&self) -> usize {
+        self.tx.capacity()
+    }
+
     pub fn set_presence(&self, available: bool, priority: i32) {
         self.available.store(available, Ordering::Relaxed);
         self.priority.store(priority, Ordering::Relaxed);
@@ -94,11 +127,12 @@ impl Sessions {
     /// Binds `jid`: a session already holding that resource is closed with
     /// `<conflict/>` (RFC 6120 §7.7.2.2, the override policy). Returns the handle and
     /// the receiving end of the new session's queue of `queue` stanzas.
-    pub fn bind(&self, jid: FullJid, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Bytes>) {
+    pub fn bind(&self, jid: FullJid, queue: usize, context: authz::Context) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(queue);
         let handle = Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             jid,
+            context,
             tx,
             close_reason: Mutex::new(None),
             close_signal: Notify::new(),
@@ -161,6 +195,10 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    fn ctx() -> authz::Context {
+        authz::Context { authn: "PLAIN".into(), tls_version: "TLSv1.3", source: "127.0.0.1".parse().unwrap() }
+    }
+
     fn full(s: &str) -> FullJid {
         match crate::jid::Jid::parse(s).unwrap() {
             crate::jid::Jid::Full(f) => f,
@@ -171,8 +209,8 @@ mod tests {
     #[tokio::test]
     async fn binding_a_taken_resource_closes_the_old_session_with_conflict() {
         let s = Sessions::default();
-        let (old, _rx1) = s.bind(full("a@x/r"), 8);
-        let (new, _rx2) = s.bind(full("a@x/r"), 8);
+        let (old, _rx1) = s.bind(full("a@x/r"), 8, ctx());
+        let (new, _rx2) = s.bind(full("a@x/r"), 8, ctx());
         assert_eq!(old.closed().await.condition, StreamCondition::Conflict);
         assert_eq!(s.get(&full("a@x/r")).unwrap().id, new.id);
         // Unbinding the old one must not remove the new one.
@@ -183,7 +221,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_closes_the_session_as_too_slow() {
         let s = Sessions::default();
-        let (h, _rx) = s.bind(full("a@x/r"), 2);
+        let (h, _rx) = s.bind(full("a@x/r"), 2, ctx());
         assert!(h.deliver(Bytes::from_static(b"1")).is_ok());
         assert!(h.deliver(Bytes::from_static(b"2")).is_ok());
         assert_eq!(h.deliver(Bytes::from_static(b"3")), Err(DeliverError::TooSlow));
@@ -193,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn delivering_to_an_ended_session_says_closed() {
         let s = Sessions::default();
-        let (h, rx) = s.bind(full("a@x/r"), 2);
+        let (h, rx) = s.bind(full("a@x/r"), 2, ctx());
         drop(rx);
         assert_eq!(h.deliver(Bytes::from_static(b"1")), Err(DeliverError::Closed));
     }

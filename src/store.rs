@@ -64,6 +64,11 @@ impl Store {
         Ok(Store { db, accounts, meta })
     }
 
+    /// The database, for the broker's own trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// The account of a (normalised) localpart.
     pub fn account(&self, local: &str) -> Result<Option<Account>, StoreError> {
         match self.accounts.get(local.as_bytes())? {

@@ -18,6 +18,11 @@ pub enum Node {
     Element(Element),
     /// Character data, unescaped (CDATA sections arrive here as plain text).
     Text(String),
+    /// Already-serialized XML, written verbatim: a stored pubsub payload is
+    /// embedded this way without being parsed again. It must be a complete,
+    /// standalone element (every prefix it uses declared inside it), as
+    /// [`Element::to_bytes`] produces.
+    Raw(bytes::Bytes),
 }
 
 /// An XML element with its namespace resolved.
@@ -119,7 +124,7 @@ impl Element {
     pub fn elements(&self) -> impl Iterator<Item = &Element> {
         self.children.iter().filter_map(|n| match n {
             Node::Element(e) => Some(e),
-            Node::Text(_) => None,
+            Node::Text(_) | Node::Raw(_) => None,
         })
     }
 
@@ -165,6 +170,14 @@ impl Element {
         let mut out = Vec::with_capacity(256);
         self.write_to(&mut out, parent_default_ns);
         out
+    }
+
+    /// A serialization that means the same wherever it is embedded (as a
+    /// [`Node::Raw`]): its namespace is always declared, even the empty one
+    /// (`xmlns=''`), so it never inherits the default namespace of its new parent.
+    pub fn to_standalone_bytes(&self) -> Vec<u8> {
+        // No real namespace name contains NUL, so the element's own always differs.
+        self.to_bytes("\0")
     }
 
     /// A standalone serialization for logs.
@@ -233,6 +246,7 @@ impl Element {
             match child {
                 Node::Element(e) => e.write_scoped(out, child_default, Some(&here)),
                 Node::Text(t) => escape_into(out, t, false),
+                Node::Raw(b) => out.extend_from_slice(b),
             }
         }
         out.extend_from_slice(b"</");
@@ -443,5 +457,18 @@ mod tests {
         e.push_text("");
         e.push_text("b");
         assert_eq!(e.children, vec![Node::Text("ab".into())]);
+    }
+
+    #[test]
+    fn standalone_bytes_declare_even_the_empty_namespace_and_embed_verbatim() {
+        let bare = Element::new("x", "");
+        assert_eq!(bare.to_standalone_bytes(), b"<x xmlns=''/>");
+        let payload = Element::new("IODEF-Document", "urn:ietf:params:xml:ns:iodef-2.0");
+        let mut item = Element::new("item", "http://jabber.org/protocol/pubsub#event");
+        item.children.push(Node::Raw(payload.to_standalone_bytes().into()));
+        assert_eq!(
+            item.to_bytes("jabber:client"),
+            b"<item xmlns='http://jabber.org/protocol/pubsub#event'><IODEF-Document xmlns='urn:ietf:params:xml:ns:iodef-2.0'/></item>"
+        );
     }
 }

@@ -7,17 +7,39 @@
 use crate::jid::BareJid;
 use std::net::IpAddr;
 
-/// What a platform is trying to do.
+/// What a platform is trying to do. Broker actions name the Topic they act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Log in to the controller (after authentication, before the session starts).
     Connect,
+    /// See that a Topic exists (disco#items, disco#info).
+    Discover,
+    Create,
+    Configure,
+    Delete,
+    Purge,
+    Publish,
+    Retract,
+    Subscribe,
+    Retrieve,
+    /// Owner management of a Topic's subscriptions and affiliations.
+    ManageSubscriptions,
 }
 
 impl Action {
     pub fn name(self) -> &'static str {
         match self {
             Action::Connect => "connect",
+            Action::Discover => "discover",
+            Action::Create => "create",
+            Action::Configure => "configure",
+            Action::Delete => "delete",
+            Action::Purge => "purge",
+            Action::Publish => "publish",
+            Action::Retract => "retract",
+            Action::Subscribe => "subscribe",
+            Action::Retrieve => "retrieve",
+            Action::ManageSubscriptions => "manage-subscriptions",
         }
     }
 }
@@ -37,6 +59,8 @@ pub struct Context {
 pub struct Request<'a> {
     pub principal: &'a BareJid,
     pub action: Action,
+    /// The Topic acted on (broker actions); None for controller actions.
+    pub topic: Option<&'a str>,
     pub context: &'a Context,
 }
 

@@ -105,14 +105,23 @@ impl ScramServer {
 
         // RFC 5802 §6: -PLUS needs `p=`; `p=` on a non-PLUS mechanism is a protocol error; `y`
         // while we offer -PLUS (any binding available) means someone stripped -PLUS in transit.
+        // One exception: a client that already tried -PLUS on this connection with a binding
+        // type we lack (e.g. slixmpp's tls-unique) saw -PLUS offered, so nothing was stripped;
+        // its `y` only says no type is common to us (XEP-0440 lists ours).
         let cb_data: &[u8] = match (&first.cbind, self.plus) {
-            (CbFlag::Used(name), true) => {
-                ctx.bindings.get(name).ok_or(SaslFailure::NotAuthorized)?
-            }
+            (CbFlag::Used(name), true) => match ctx.bindings.get(name) {
+                Some(d) => d,
+                None => {
+                    ctx.cb_type_unsupported.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(SaslFailure::NotAuthorized);
+                }
+            },
             (CbFlag::Used(_), false) | (CbFlag::No | CbFlag::ClientOnly, true) => {
                 return Err(SaslFailure::MalformedRequest);
             }
-            (CbFlag::ClientOnly, false) if ctx.bindings.any() => {
+            (CbFlag::ClientOnly, false)
+                if ctx.bindings.any() && !ctx.cb_type_unsupported.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 return Err(SaslFailure::NotAuthorized);
             }
             (CbFlag::No | CbFlag::ClientOnly, false) => &[],
@@ -466,6 +475,7 @@ pub(crate) mod tests {
             cert: None,
             decoy_secret: [1; 32],
             decoy_iterations: 4096,
+            cb_type_unsupported: Default::default(),
         })
     }
 
@@ -651,6 +661,20 @@ pub(crate) mod tests {
             Mechanism::ScramSha256,
             &downgraded
         )));
+    }
+
+    #[test]
+    fn y_flag_after_a_plus_attempt_with_an_unsupported_type_is_a_type_mismatch_not_a_downgrade() {
+        // slixmpp: SCRAM-SHA-256-PLUS with tls-unique (refused), then SCRAM-SHA-256 with `y`.
+        let ctx = context(exporter(), None);
+        assert_eq!(server_first(&ctx, Mechanism::ScramSha256Plus, "p=tls-unique,,n=alice,r=abc"), NOT_AUTHORIZED);
+        let after = Client::new(Hash::Sha256, "alice", "pencil").gs2("y,,", &[]);
+        assert!(success("alice")(&run(&ctx, Mechanism::ScramSha256, &after)));
+        // Wrong binding *data* for a type we have is no excuse: `y` stays a downgrade.
+        let ctx = context(exporter(), None);
+        let wrong = Client::new(Hash::Sha256, "alice", "pencil").gs2("p=tls-exporter,,", &[9; 32]);
+        assert_eq!(run(&ctx, Mechanism::ScramSha256Plus, &wrong), NOT_AUTHORIZED);
+        assert_eq!(server_first(&ctx, Mechanism::ScramSha256, &after.first()), NOT_AUTHORIZED);
     }
 
     #[test]

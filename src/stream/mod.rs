@@ -13,9 +13,8 @@ use crate::error::{StreamCondition, StreamError};
 use crate::limits::ReadRate;
 use crate::ns;
 use crate::router::Router;
-use crate::session::SessionHandle;
+use crate::session::{Ack, Outbound, SessionHandle};
 use crate::xml::Element;
-use bytes::Bytes;
 use parser::{Event, Parser};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -197,11 +196,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
 pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut XmlConn<S>,
     router: &Router,
-    handle: &SessionHandle,
-    rx: &mut mpsc::Receiver<Bytes>,
+    handle: &std::sync::Arc<SessionHandle>,
+    rx: &mut mpsc::Receiver<Outbound>,
     idle: Duration,
 ) -> Result<(), ConnError> {
     conn.deadline = Instant::now() + idle;
+    // `<message to='our-jid'`: the start of every notification serialized once for many.
+    let mut to_self = b"<message to='".to_vec();
+    to_self.extend_from_slice(quick_xml::escape::escape(handle.jid.to_string().as_str()).as_bytes());
+    to_self.push(b'\'');
+    let mut acks: Vec<Ack> = Vec::new();
     loop {
         loop {
             match conn.parser.next_event() {
@@ -221,11 +225,18 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
             biased;
             reason = handle.closed() => return Err(reason.into()),
             Some(first) = rx.recv() => {
-                conn.queue_bytes(&first);
-                while conn.out.len() < 64 * 1024 {
-                    match rx.try_recv() {
-                        Ok(b) => conn.queue_bytes(&b),
-                        Err(_) => break,
+                let mut next = Some(first);
+                while let Some(o) = next.take() {
+                    match o {
+                        Outbound::Stanza(b) => conn.queue_bytes(&b),
+                        Outbound::ToSelf { rest, ack } => {
+                            conn.queue_bytes(&to_self);
+                            conn.queue_bytes(&rest);
+                            acks.extend(ack);
+                        }
+                    }
+                    if conn.out.len() < 64 * 1024 {
+                        next = rx.try_recv().ok();
                     }
                 }
                 // A client that stops reading must not pin us in write_all: a close
@@ -233,6 +244,9 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 tokio::select! {
                     r = conn.flush() => r?,
                     reason = handle.closed() => return Err(ConnError::Stream(reason)),
+                }
+                for a in acks.drain(..) {
+                    a.cursor.fetch_max(a.seq, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             r = conn.read_more() => {

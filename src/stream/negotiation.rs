@@ -48,6 +48,8 @@ pub async fn handle(grid: Arc<Grid>, tcp: TcpStream, peer: SocketAddr, direct_tl
         }
         // CVE-2011-0411: bytes sent after <starttls/> and before the handshake
         // would be taken as if they came over TLS. Drop the connection.
+        // (Whitespace is part of the old stream: go-xmpp ends each element with a newline.)
+        conn.parser.skip_whitespace();
         if conn.parser.buffered_len() > 0 {
             tracing::warn!(%peer, "plaintext pipelined after <starttls/>: connection aborted");
             return;
@@ -145,6 +147,7 @@ async fn secure_stream(
         cert: cert.as_ref().map(|c| sasl::CertIdentity { xmpp_addrs: c.xmpp_addrs.clone() }),
         decoy_secret: grid.decoy_secret,
         decoy_iterations: grid.cfg.auth.scram_iterations,
+        cb_type_unsupported: Default::default(),
     });
     let offered = sasl::offered_mechanisms(cert.is_some(), grid.cfg.auth.plain, &ctx.bindings);
 
@@ -172,7 +175,7 @@ async fn secure_stream(
         tls_version,
         source: peer.ip(),
     };
-    let decision = grid.authz.authorize(&authz::Request { principal: &jid, action: Action::Connect, context: &actx });
+    let decision = grid.authz.authorize(&authz::Request { principal: &jid, action: Action::Connect, topic: None, context: &actx });
     if !decision.allowed {
         tracing::info!(%peer, %jid, "login denied by policy");
         conn.send(&sasl_failure(SaslFailure::NotAuthorized)).await?;
@@ -212,7 +215,7 @@ async fn secure_stream(
         if grid.lookup_account(&local).is_none() {
             return Err(StreamError::with_text(StreamCondition::NotAuthorized, "platform revoked").into());
         }
-        let (handle, rx) = grid.router.sessions().bind(full.clone(), grid.cfg.limits.outbound_queue_stanzas);
+        let (handle, rx) = grid.router.sessions().bind(full.clone(), grid.cfg.limits.outbound_queue_stanzas, actx.clone());
         let mut result = Element::new("iq", ns::CLIENT).with_attr("type", "result");
         if let Some(id) = iq.attr("id") {
             result.set_attr("id", id);
@@ -223,7 +226,7 @@ async fn secure_stream(
     };
     let idle = Duration::from_secs(grid.cfg.limits.idle_timeout_secs);
     let r = session_loop(conn, &grid.router, &handle, &mut rx, idle).await;
-    grid.router.sessions().unbind(&handle);
+    grid.router.session_ended(&handle);
     r
 }
 

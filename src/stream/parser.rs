@@ -196,6 +196,9 @@ struct Framer {
     run: u8,
     /// Nothing but the stream start has been seen: `<?xml` is still allowed (XML §2.8).
     decl_allowed: bool,
+    /// After a restart, whitespace left over from the previous stream (e.g. a
+    /// newline after `<auth/>`) may precede the new XML declaration.
+    restarted: bool,
 }
 
 impl Framer {
@@ -210,6 +213,7 @@ impl Framer {
             slash: false,
             run: 0,
             decl_allowed: true,
+            restarted: false,
         }
     }
 
@@ -244,7 +248,9 @@ impl Framer {
                     // at once so an idle stream holds no bytes.
                     b' ' | b'\t' | b'\n' | b'\r' => {
                         self.head = i + 1;
-                        self.decl_allowed = false;
+                        if !(self.restarted && self.mode == Mode::Prolog) {
+                            self.decl_allowed = false;
+                        }
                     }
                     _ if self.mode == Mode::Prolog => {
                         return Err(nwf("character data before the stream header"));
@@ -455,9 +461,24 @@ impl Parser {
         self.framer = Framer {
             head,
             pos: head,
+            restarted: true,
             ..Framer::new()
         };
         self.scope = None;
+    }
+
+    /// Consumes whitespace waiting at the start of the buffer, between top-level
+    /// elements (it belongs to the stream, RFC 6120 §11.7). Used right after
+    /// `<proceed/>`, where a client's trailing newline is not an injection.
+    pub fn skip_whitespace(&mut self) {
+        let f = &mut self.framer;
+        if f.depth > 0 || f.unit_start.is_some() || !matches!(f.lex, Lex::Text) {
+            return;
+        }
+        while f.head < self.buf.len() && matches!(self.buf[f.head], b' ' | b'\t' | b'\n' | b'\r') {
+            f.head += 1;
+        }
+        f.pos = f.pos.max(f.head);
     }
 
     /// Received bytes not yet consumed. Must be 0 right after `<proceed/>`: bytes

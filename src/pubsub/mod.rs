@@ -1,0 +1,11 @@
+//! The Broker: the XEP-0060 publish-subscribe service at `broker.<domain>`
+//! through which platforms share security information (RFC 8600 §4-§6).
+//!
+//! - [`model`]: the vocabulary; [`service`]: the pure rules; [`store`]: sled.
+//! - [`protocol`]: XEP-0060 XML ↔ typed requests, and the error table.
+//! - [`broker`]: the task that owns the service, commits in groups, and fans out.
+
+pub mod model;
+
+pub mod service;
+pub mod store;
