@@ -50,11 +50,55 @@ pub struct Listen {
     pub direct_tls: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Broker {
     /// The publish-subscribe service's JID; default `broker.<domain>`.
     pub jid: Option<String>,
+    /// Access model of new topics unless their creator sets one:
+    /// "authorize" or "whitelist" (RFC 8600 §8.3.4), or "open" (development).
+    pub default_access_model: String,
+    /// Largest payload one item may carry.
+    pub max_payload_bytes: usize,
+    /// Items in one retrieval reply; larger requests are paged (XEP-0059).
+    pub max_items_per_page: u32,
+    /// Upper bound of any topic's `pubsub#max_items` (retention).
+    pub max_items_per_topic: u32,
+    pub max_topics_per_platform: usize,
+    pub max_subscriptions_per_platform: usize,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        let l = crate::pubsub::service::Limits::default();
+        Broker {
+            jid: None,
+            default_access_model: "authorize".into(),
+            max_payload_bytes: l.max_payload_bytes,
+            max_items_per_page: l.max_items_per_page,
+            max_items_per_topic: l.max_items_per_node,
+            max_topics_per_platform: l.max_topics_per_platform,
+            max_subscriptions_per_platform: l.max_subscriptions_per_platform,
+        }
+    }
+}
+
+impl Broker {
+    /// The broker limits in the service's terms.
+    pub fn limits(&self) -> crate::pubsub::service::Limits {
+        crate::pubsub::service::Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_items_per_page: self.max_items_per_page,
+            max_items_per_node: self.max_items_per_topic,
+            max_topics_per_platform: self.max_topics_per_platform,
+            max_subscriptions_per_platform: self.max_subscriptions_per_platform,
+        }
+    }
+
+    pub fn access_model(&self) -> crate::pubsub::model::AccessModel {
+        crate::pubsub::model::AccessModel::from_name(&self.default_access_model)
+            .unwrap_or(crate::pubsub::model::AccessModel::Open)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +128,10 @@ pub struct Auth {
     pub plain: bool,
     /// PBKDF2 iterations for newly stored SCRAM keys (RFC 7677 §4: at least 4096).
     pub scram_iterations: u32,
+    /// Offer SCRAM-*-PLUS with tls-exporter / tls-server-end-point channel binding
+    /// (and advertise them, XEP-0440). RFC 8600 prefers SCRAM-SHA-256-PLUS; turn it
+    /// off only for clients that insist on tls-unique and give up on its failure.
+    pub channel_binding: bool,
     /// Failed logins per account or source address before answers are delayed.
     pub failures_before_delay: u32,
     /// Upper bound of that delay, doubling per further failure.
@@ -147,6 +195,7 @@ impl Default for Auth {
         Auth {
             plain: true,
             scram_iterations: 4096,
+            channel_binding: true,
             failures_before_delay: 5,
             max_failure_delay_ms: 30_000,
             failure_window_secs: 600,
@@ -241,6 +290,18 @@ impl Config {
         bound("auth.failures_before_delay", self.auth.failures_before_delay as u64, 1, 1000)?;
         bound("auth.max_failure_delay_ms", self.auth.max_failure_delay_ms, 0, 600_000)?;
         bound("auth.failure_window_secs", self.auth.failure_window_secs, 1, 86_400)?;
+        if crate::pubsub::model::AccessModel::from_name(&self.broker.default_access_model).is_none() {
+            return Err(ConfigError::Invalid {
+                key: "broker.default_access_model",
+                message: format!("{:?}: use authorize, whitelist or open", self.broker.default_access_model),
+            });
+        }
+        let b = &self.broker;
+        bound("broker.max_payload_bytes", b.max_payload_bytes as u64, 1, self.limits.max_stanza_bytes as u64)?;
+        bound("broker.max_items_per_page", b.max_items_per_page as u64, 1, 10_000)?;
+        bound("broker.max_items_per_topic", b.max_items_per_topic as u64, 1, 10_000_000)?;
+        bound("broker.max_topics_per_platform", b.max_topics_per_platform as u64, 0, 10_000_000)?;
+        bound("broker.max_subscriptions_per_platform", b.max_subscriptions_per_platform as u64, 0, 10_000_000)?;
         Ok(())
     }
 
@@ -287,6 +348,12 @@ direct_tls = "127.0.0.1:5223"       # XEP-0368 direct TLS; "" disables
 
 [broker]
 # jid = "broker.{domain}"           # the publish-subscribe service (default broker.<domain>)
+default_access_model = "authorize"  # of new topics: "authorize" or "whitelist" (RFC 8600 §8.3.4), "open"
+max_payload_bytes = 131072          # per item
+max_items_per_page = 100            # per retrieval reply (larger requests are paged, XEP-0059)
+max_items_per_topic = 10000         # cap on a topic's pubsub#max_items (retention)
+max_topics_per_platform = 100
+max_subscriptions_per_platform = 1000
 
 [policies]
 dir = "policies"
@@ -303,6 +370,7 @@ crl = []                            # their CRLs (the grid CA's CRL is data/tls/
 [auth]
 plain = true                        # SASL PLAIN inside TLS ("Basic Authentication"); false disables
 scram_iterations = 4096             # PBKDF2 iterations for stored SCRAM keys
+channel_binding = true              # offer SCRAM-*-PLUS (tls-exporter, tls-server-end-point)
 failures_before_delay = 5           # failed logins per account / address before answers slow down
 max_failure_delay_ms = 30000
 failure_window_secs = 600

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod client;
 pub mod config;
 pub mod disco;
 pub mod error;

@@ -12,6 +12,9 @@ use crate::router::Router;
 use crate::sasl::{AccountAuth, AccountLookup};
 use crate::session::Sessions;
 use crate::store::{Store, StoreError};
+use crate::pubsub::broker::Broker;
+use crate::pubsub::service::Service;
+use crate::pubsub::store::SledStore;
 use crate::{pki, tls};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -29,6 +32,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("broker: {0}")]
+    Broker(String),
 }
 
 /// The TLS configurations in force; replaced whole after a revocation.
@@ -52,6 +57,10 @@ pub struct Grid {
     tls: RwLock<Arc<TlsState>>,
     pub conns: Arc<ConnectionCounter>,
     pub shutdown: watch::Sender<bool>,
+    /// The broker's state, loaded by `open`, handed to its task by `start`.
+    broker_service: std::sync::Mutex<Option<Service<SledStore>>>,
+    /// The running broker (for the controller's own requests).
+    pub broker: std::sync::OnceLock<Arc<Broker>>,
 }
 
 /// Statistics of the default CRL lifetime: re-signed at every start and revocation.
@@ -84,13 +93,19 @@ impl Grid {
             Duration::from_secs(cfg.auth.failure_window_secs),
         );
         let (shutdown, _) = watch::channel(false);
+        let authz: Arc<dyn Authorize> = Arc::new(AllowAll);
+        let bstore = SledStore::new(store.db()).map_err(|e| ServerError::Broker(e.to_string()))?;
+        let service = Service::open(bstore, authz.clone(), cfg.broker.limits(), cfg.broker.access_model())
+            .map_err(|e| ServerError::Broker(e.to_string()))?;
         Ok(Arc::new(Grid {
+            broker_service: std::sync::Mutex::new(Some(service)),
+            broker: std::sync::OnceLock::new(),
             conns: ConnectionCounter::new(cfg.limits.max_connections_per_ip),
             cfg,
             domain,
             store,
             router,
-            authz: Arc::new(AllowAll),
+            authz,
             throttle,
             decoy_secret,
             tls: RwLock::new(Arc::new(tls)),
@@ -164,6 +179,13 @@ pub struct Running {
 
 /// Opens the listeners and starts serving.
 pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
+    let service = grid.broker_service.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let service = service.ok_or_else(|| ServerError::Broker("already started".into()))?;
+    let broker_jid = grid.cfg.broker_jid();
+    let broker = Broker::start(service, grid.router.sessions().clone(), broker_jid.clone());
+    let jid = BareJid::domain(&broker_jid).map_err(|e| ServerError::Broker(e.to_string()))?;
+    grid.router.register(jid, broker.clone());
+    let _ = grid.broker.set(broker);
     let (done_tx, done) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(grid.cfg.limits.max_connections));
     let mut accept_tasks = Vec::new();
@@ -232,6 +254,9 @@ impl Running {
         }
         // Every connection task holds a sender; recv() returns None once all are gone.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.done.recv()).await;
+        if let Some(b) = self.grid.broker.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), b.sync()).await;
+        }
         let store = self.grid.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     }

@@ -6,6 +6,8 @@
 //! - [`broker`]: the task that owns the service, commits in groups, and fans out.
 
 pub mod model;
+pub mod protocol;
 
 pub mod service;
 pub mod store;
+pub mod broker;

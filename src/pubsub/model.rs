@@ -124,7 +124,7 @@ pub struct ConfigPatch {
     pub notify_delete: Option<bool>,
     pub notify_config: Option<bool>,
     pub send_last_published_item: Option<SendLast>,
-    /// Whitelist members given in the form (`pubsub#roster_groups_allowed` is not supported).
+    /// `pubsub#persist_items`: only `true` is accepted (items are always stored).
     pub persist_items: Option<bool>,
 }
 

@@ -383,7 +383,7 @@ impl<S: BrokerStore> Service<S> {
     fn apply_patch(&self, c: &mut NodeConfig, p: &ConfigPatch) -> Result<(), PubsubError> {
         if p.persist_items == Some(false) {
             // Durability is the grid's promise (RFC 8600 §6 offline delivery).
-            return Err(PubsubError::Unsupported("transient-nodes"));
+            return Err(PubsubError::BadConfig("pubsub#persist_items must be 1: items are always stored".into()));
         }
         if let Some(v) = &p.title {
             c.title = v.clone();
@@ -506,7 +506,7 @@ impl<S: BrokerStore> Service<S> {
         if payload.len() > self.limits.max_payload_bytes {
             return Err(PubsubError::PayloadTooBig { size: payload.len(), limit: self.limits.max_payload_bytes });
         }
-        check_preconditions(&n.rec.config, &pre)?;
+        check_preconditions(&n.rec.config, &pre, self.limits.max_items_per_node)?;
         let publisher = match &ctx.actor {
             Actor::Platform(j) => j.clone(),
             Actor::Controller => BareJid::domain("controller").map_err(|e| PubsubError::BadConfig(e.to_string()))?,
@@ -978,7 +978,7 @@ fn parse_cursor(s: &str) -> Result<u64, PubsubError> {
 }
 
 /// XEP-0060 §7.1.5: every publish-option given must equal the node's configuration.
-fn check_preconditions(c: &NodeConfig, p: &ConfigPatch) -> Result<(), PubsubError> {
+fn check_preconditions(c: &NodeConfig, p: &ConfigPatch, max_items_cap: u32) -> Result<(), PubsubError> {
     let mismatch = |field: &str| Err(PubsubError::PreconditionNotMet(field.to_string()));
     if p.access_model.is_some_and(|v| v != c.access_model) {
         return mismatch("pubsub#access_model");
@@ -989,7 +989,8 @@ fn check_preconditions(c: &NodeConfig, p: &ConfigPatch) -> Result<(), PubsubErro
     if p.payload_type.as_ref().is_some_and(|v| v != &c.payload_type) {
         return mismatch("pubsub#type");
     }
-    if p.max_items.is_some_and(|v| v != c.max_items) {
+    // "max" arrives as u32::MAX and means the service's cap, as when configuring.
+    if p.max_items.is_some_and(|v| v.min(max_items_cap) != c.max_items) {
         return mismatch("pubsub#max_items");
     }
     if p.title.as_ref().is_some_and(|v| v != &c.title) {

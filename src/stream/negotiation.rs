@@ -139,7 +139,12 @@ async fn secure_stream(
     let tls_conn = conn.io.get_ref().1;
     let tls_version = crate::tls::tls_version_name(tls_conn);
     let cert = crate::tls::peer_identity(tls_conn);
-    let bindings = crate::tls::channel_bindings(tls_conn, server_cert_der);
+    // Without channel binding, -PLUS is not offered and a `y` flag is no downgrade.
+    let bindings = if grid.cfg.auth.channel_binding {
+        crate::tls::channel_bindings(tls_conn, server_cert_der)
+    } else {
+        crate::tls::ChannelBindings::default()
+    };
     let ctx = Arc::new(SaslContext {
         domain: grid.domain.to_string(),
         lookup: grid.clone(),
@@ -165,7 +170,11 @@ async fn secure_stream(
             cb.push(Element::new("channel-binding", ns::SASL_CB).with_attr("type", ty));
         }
     }
-    open_stream(conn, grid, features().with_child(mechs).with_child(cb)).await?;
+    let mut f = features().with_child(mechs);
+    if ctx.bindings.any() {
+        f.push(cb); // XEP-0440: the element must list at least one type
+    }
+    open_stream(conn, grid, f).await?;
 
     let (local, mech, success_data) = authenticate(conn, grid, &ctx, &offered, peer).await?;
     let jid = BareJid::new(&local, grid.domain.domain_part())

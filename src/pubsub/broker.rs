@@ -1,0 +1,546 @@
+//! The broker task: owns the [`Service`], turns stanzas into requests and
+//! replies, commits changes in groups, and fans out notifications.
+//!
+//! One task, so the service needs no locks and every node's items are
+//! delivered in publish order. A change is acknowledged only after the store
+//! has flushed it (group commit: everything that arrived while one flush ran
+//! goes into the next). Fan-out serializes each notification once and hands
+//! the same bytes to every subscriber's bounded queue; a subscriber that
+//! cannot keep up is disconnected by its queue and catches up from its cursor
+//! when it returns (RFC 8600 §6 offline delivery), so nothing is lost.
+
+use super::model::*;
+use super::protocol;
+use super::service::{Ctx, Delivery, Outcome, Service, Target};
+use super::store::BrokerStore;
+use crate::error::{ErrorType, StanzaError};
+use crate::jid::{BareJid, Jid};
+use crate::ns;
+use crate::router::Component;
+use crate::session::{Ack, Outbound, SessionHandle, Sessions};
+use crate::xml::Element;
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Requests waiting for the broker task before new ones are refused (`wait`).
+const INBOX: usize = 4096;
+/// Items replayed to one subscription per round of offline delivery.
+const CATCHUP_BATCH: usize = 64;
+
+enum Cmd {
+    Stanza(Arc<SessionHandle>, Element),
+    Presence(Arc<SessionHandle>, bool),
+    /// Work of the controller itself (e.g. its alerts topic), answered on `reply`.
+    Internal(Request, tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
+    /// Saves delivery cursors and answers once everything before it is durable.
+    Sync(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
+}
+
+/// The broker as the router sees it.
+pub struct Broker {
+    stanzas: mpsc::Sender<Cmd>,
+    /// Presence changes must never be dropped (offline delivery depends on them).
+    presence: mpsc::UnboundedSender<Cmd>,
+    jid: String,
+}
+
+impl Broker {
+    /// Starts the broker task on `service`.
+    pub fn start<S: BrokerStore + 'static>(service: Service<S>, sessions: Arc<Sessions>, jid: String) -> Arc<Broker> {
+        let (stanzas, stanza_rx) = mpsc::channel(INBOX);
+        let (presence, presence_rx) = mpsc::unbounded_channel();
+        let task = Task {
+            flusher: Arc::from(service.flusher()),
+            svc: service,
+            sessions,
+            jid: jid.clone(),
+            live: HashMap::new(),
+            pending: Vec::new(),
+            flush_needed: false,
+            durable: HashMap::new(),
+            catchup: VecDeque::new(),
+        };
+        tokio::spawn(task.run(stanza_rx, presence_rx));
+        Arc::new(Broker { stanzas, presence, jid })
+    }
+
+    /// Saves delivery progress and waits until all accepted changes are durable
+    /// (at shutdown, after the sessions have ended).
+    pub async fn sync(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.presence.send(Cmd::Sync(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Runs a request as the controller itself (not a platform), e.g. to create
+    /// and publish to the grid's own alerts topic.
+    pub async fn internal(&self, req: Request) -> Result<Reply, PubsubError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.stanzas
+            .send(Cmd::Internal(req, tx))
+            .await
+            .map_err(|_| PubsubError::Storage("broker stopped".into()))?;
+        rx.await.map_err(|_| PubsubError::Storage("broker stopped".into()))?
+    }
+}
+
+impl Component for Broker {
+    fn handle(&self, session: &Arc<SessionHandle>, stanza: Element) {
+        match self.stanzas.try_send(Cmd::Stanza(session.clone(), stanza)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Cmd::Stanza(s, st))) => {
+                // Overloaded: say so instead of queueing without bound.
+                let e = StanzaError::new("resource-constraint").kind(ErrorType::Wait).text("the broker is busy; retry");
+                if let Some(r) = e.reply_to(&st) {
+                    let _ = s.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
+                }
+            }
+            Err(_) => tracing::error!(broker = %self.jid, "broker task is gone"),
+        }
+    }
+
+    fn presence(&self, session: &Arc<SessionHandle>, available: bool) {
+        let _ = self.presence.send(Cmd::Presence(session.clone(), available));
+    }
+}
+
+/// Live delivery state of one subscription.
+struct Live {
+    mode: Mode,
+    /// Highest seq handed to a session queue.
+    enqueued: u64,
+    /// Highest seq written to a socket (raised by the sessions).
+    written: Arc<AtomicU64>,
+    /// Highest seq recorded in the store.
+    persisted: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No available session: items wait in the store.
+    Offline,
+    /// Replaying stored items; new ones are picked up by the replay.
+    CatchingUp,
+    /// Up to date: new items go straight to the sessions.
+    Live,
+}
+
+/// A reply and notifications held back until their changes are durable.
+struct Pending {
+    reply: Option<(Arc<SessionHandle>, Bytes)>,
+    internal: Option<(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>, Reply)>,
+    deliveries: Vec<Delivery>,
+}
+
+struct Task<S: BrokerStore> {
+    svc: Service<S>,
+    flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
+    sessions: Arc<Sessions>,
+    jid: String,
+    live: HashMap<String, Live>,
+    /// Waiting for the flush after the one in progress.
+    pending: Vec<Pending>,
+    /// Cursor updates were written to the store and want a flush.
+    flush_needed: bool,
+    /// Per node, the highest seq known durable (offline replay stops there).
+    durable: HashMap<NodeId, u64>,
+    catchup: VecDeque<String>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl<S: BrokerStore + 'static> Task<S> {
+    async fn run(mut self, mut stanzas: mpsc::Receiver<Cmd>, mut presence: mpsc::UnboundedReceiver<Cmd>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retry = tokio::time::interval(Duration::from_millis(10));
+        let mut flushing: Option<(tokio::task::JoinHandle<bool>, Vec<Pending>)> = None;
+        loop {
+            tokio::select! {
+                biased;
+                done = async { (&mut flushing.as_mut().expect("guarded").0).await }, if flushing.is_some() => {
+                    let (_, batch) = flushing.take().expect("guarded");
+                    let ok = done.unwrap_or(false);
+                    self.release(batch, ok);
+                }
+                Some(cmd) = presence.recv() => self.command(cmd),
+                cmd = stanzas.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = self.svc.expire(now_ms()) {
+                        tracing::error!("item expiry: {e}");
+                    }
+                    self.persist_cursors();
+                }
+                _ = retry.tick(), if !self.catchup.is_empty() => self.catch_up_round(),
+            }
+            if flushing.is_none() && (!self.pending.is_empty() || self.flush_needed) {
+                let batch = std::mem::take(&mut self.pending);
+                self.flush_needed = false;
+                let f = self.flusher.clone();
+                let h = tokio::task::spawn_blocking(move || match f() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!("broker flush failed: {e}");
+                        false
+                    }
+                });
+                flushing = Some((h, batch));
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Stanza(session, stanza) => self.stanza(session, stanza),
+            Cmd::Presence(session, available) => self.presence(&session, available),
+            Cmd::Sync(tx) => {
+                self.persist_cursors();
+                self.pending.push(Pending { reply: None, internal: Some((tx, Reply::Empty)), deliveries: Vec::new() });
+            }
+            Cmd::Internal(req, reply) => {
+                let mutation = Service::<S>::is_mutation(&req);
+                let ctx = Ctx { actor: Actor::Controller, login: None, now_ms: now_ms() };
+                match self.svc.handle(&ctx, req) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(out) if mutation => {
+                        self.pending.push(Pending { reply: None, internal: Some((reply, out.reply)), deliveries: out.deliveries })
+                    }
+                    Ok(out) => {
+                        let _ = reply.send(Ok(out.reply));
+                        self.deliver_all(out.deliveries);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stanza(&mut self, session: Arc<SessionHandle>, stanza: Element) {
+        let parsed = match stanza.name.as_str() {
+            "iq" if matches!(stanza.attr("type"), Some("get") | Some("set")) => protocol::parse_iq(&stanza),
+            "message" if stanza.attr("type") != Some("error") => match protocol::parse_message(&stanza) {
+                Some(r) => Ok(r),
+                None => return, // messages to the broker carry nothing else we act on
+            },
+            "iq" | "message" | "presence" => return,
+            _ => return,
+        };
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => return self.send_error(&session, &stanza, e),
+        };
+        let ctx = Ctx { actor: Actor::Platform(session.jid.bare().clone()), login: Some(&session.context), now_ms: now_ms() };
+        let mutation = Service::<S>::is_mutation(&req);
+        let rendered_req = req.clone();
+        match self.svc.handle(&ctx, req) {
+            Err(e) => {
+                if matches!(e, PubsubError::Storage(_)) {
+                    tracing::error!(from = %session.jid, "broker request failed: {e}");
+                }
+                self.send_error(&session, &stanza, StanzaError::from(&e));
+            }
+            Ok(Outcome { reply, deliveries }) => {
+                let bytes = (stanza.name == "iq").then(|| self.result(&stanza, &session, &reply, &rendered_req));
+                let reply = bytes.map(|b| (session.clone(), b));
+                if mutation {
+                    self.pending.push(Pending { reply, internal: None, deliveries });
+                } else {
+                    if let Some((s, b)) = reply {
+                        let _ = s.deliver(b);
+                    }
+                    self.deliver_all(deliveries);
+                }
+            }
+        }
+    }
+
+    fn result(&self, iq: &Element, session: &SessionHandle, reply: &Reply, req: &Request) -> Bytes {
+        let mut r = Element::new("iq", ns::CLIENT).with_attr("type", "result").with_attr("from", &self.jid);
+        r.set_attr("to", session.jid.to_string());
+        if let Some(id) = iq.attr("id") {
+            r.set_attr("id", id);
+        }
+        if let Some(p) = protocol::render_reply(reply, req, &self.jid) {
+            r.push(p);
+        }
+        Bytes::from(r.to_bytes(ns::CLIENT))
+    }
+
+    fn send_error(&self, session: &SessionHandle, stanza: &Element, e: StanzaError) {
+        if let Some(mut r) = e.reply_to(stanza) {
+            r.set_attr("from", &self.jid);
+            let _ = session.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
+        }
+    }
+
+    /// A flush finished: acknowledge the batch and fan out its notifications.
+    fn release(&mut self, batch: Vec<Pending>, durable: bool) {
+        for p in batch {
+            if !durable {
+                // Nothing of this batch may be claimed stored.
+                if let Some((s, _)) = p.reply {
+                    let _ = s.deliver(Bytes::from(
+                        format!("<iq type='error' from='{}'><error type='wait'><internal-server-error xmlns='{}'/></error></iq>", self.jid, ns::STANZA_ERRORS)
+                            .into_bytes(),
+                    ));
+                }
+                if let Some((tx, _)) = p.internal {
+                    let _ = tx.send(Err(PubsubError::Storage("flush failed".into())));
+                }
+                continue;
+            }
+            if let Some((s, b)) = p.reply {
+                let _ = s.deliver(b);
+            }
+            if let Some((tx, r)) = p.internal {
+                let _ = tx.send(Ok(r));
+            }
+            for d in &p.deliveries {
+                if let Event::Items { node, items } = &d.event {
+                    if let Some(last) = items.iter().map(|i| i.seq).max() {
+                        let h = self.durable.entry(node.clone()).or_insert(0);
+                        *h = (*h).max(last);
+                    }
+                }
+            }
+            self.deliver_all(p.deliveries);
+        }
+    }
+
+    fn deliver_all(&mut self, deliveries: Vec<Delivery>) {
+        for d in deliveries {
+            match &d.event {
+                Event::Items { node, items } => {
+                    for item in items {
+                        self.fan_out_item(node, item, &d.to);
+                    }
+                }
+                _ => {
+                    let rest = self.notification(&d.event, None);
+                    for t in &d.to {
+                        for s in self.available_sessions(&t.jid) {
+                            let _ = s.deliver(Outbound::ToSelf { rest: rest.clone(), ack: None });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `<message to='…'` is written by each session; this is the rest, shared.
+    fn notification(&self, event: &Event, delay_ms: Option<u64>) -> Bytes {
+        let mut m = Element::new("message", ns::CLIENT).with_attr("from", &self.jid).with_attr("type", "headline");
+        m.push(protocol::render_event(event, &self.jid));
+        if let Some(ms) = delay_ms {
+            m.push(protocol::delay(ms, &self.jid));
+        }
+        let full = Bytes::from(m.to_bytes(ns::CLIENT));
+        full.slice(b"<message".len()..)
+    }
+
+    /// The sessions a subscription address reaches now: an available full JID, or
+    /// every available session of a bare JID (RFC 6121 §8.5.2 for headlines).
+    fn available_sessions(&self, jid: &str) -> Vec<Arc<SessionHandle>> {
+        match Jid::parse(jid) {
+            Ok(Jid::Full(f)) => self.sessions.get(&f).filter(|s| s.is_available()).into_iter().collect(),
+            Ok(Jid::Bare(b)) => self.sessions.of(&b).into_iter().filter(|s| s.is_available()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn live_entry(&mut self, subid: &str, jid: &str) -> Option<&mut Live> {
+        if !self.live.contains_key(subid) {
+            let sub = self.svc.subscription(subid)?;
+            let online = !self.available_sessions(jid).is_empty();
+            self.live.insert(
+                subid.to_string(),
+                Live {
+                    mode: if online { Mode::Live } else { Mode::Offline },
+                    enqueued: sub.delivered,
+                    written: Arc::new(AtomicU64::new(sub.delivered)),
+                    persisted: sub.delivered,
+                },
+            );
+        }
+        self.live.get_mut(subid)
+    }
+
+    fn fan_out_item(&mut self, node: &NodeId, item: &Item, targets: &[Target]) {
+        let event = Event::Items { node: node.clone(), items: vec![item.clone()] };
+        let rest = self.notification(&event, None);
+        let mut old: Option<Bytes> = None;
+        for t in targets {
+            let sessions = self.available_sessions(&t.jid);
+            let Some(subid) = &t.subid else { continue };
+            let Some(live) = self.live_entry(subid, &t.jid) else { continue };
+            if item.seq <= live.enqueued {
+                // An older item sent again (last published item on subscribe): stamped, no cursor.
+                let bytes = match &old {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = self.notification(&event, Some(item.published_ms));
+                        old = Some(b.clone());
+                        b
+                    }
+                };
+                for s in &sessions {
+                    let _ = s.deliver(Outbound::ToSelf { rest: bytes.clone(), ack: None });
+                }
+                continue;
+            }
+            let Some(live) = self.live.get_mut(subid) else { continue };
+            if live.mode != Mode::Live {
+                continue; // the replay will read it from the store
+            }
+            if sessions.is_empty() {
+                live.mode = Mode::Offline;
+                continue;
+            }
+            live.enqueued = item.seq;
+            for s in &sessions {
+                let ack = Ack { cursor: live.written.clone(), seq: item.seq };
+                let _ = s.deliver(Outbound::ToSelf { rest: rest.clone(), ack: Some(ack) });
+            }
+        }
+    }
+
+    /// A session came or went: start offline delivery, or stop live delivery.
+    fn presence(&mut self, session: &Arc<SessionHandle>, available: bool) {
+        let subs = self.svc.subscriptions_of(session.jid.bare());
+        for sub in subs {
+            let reaches = match Jid::parse(&sub.jid) {
+                Ok(Jid::Full(f)) => f == session.jid,
+                Ok(Jid::Bare(_)) => true,
+                Err(_) => false,
+            };
+            if !reaches {
+                continue;
+            }
+            let online = !self.available_sessions(&sub.jid).is_empty();
+            let Some(live) = self.live_entry(&sub.subid, &sub.jid) else { continue };
+            if available && live.mode == Mode::Offline {
+                live.mode = Mode::CatchingUp;
+                live.enqueued = live.written.load(Ordering::Relaxed).max(sub.delivered);
+                self.catchup.push_back(sub.subid.clone());
+            } else if !available && !online {
+                // Whatever was queued but not written is lost with the session:
+                // resume after what reached the socket.
+                live.mode = Mode::Offline;
+                live.enqueued = live.written.load(Ordering::Relaxed);
+            }
+        }
+        if !available {
+            self.persist_cursors();
+        } else {
+            self.catch_up_round();
+        }
+    }
+
+    /// Replays stored items to catching-up subscriptions, a batch each, without
+    /// overfilling their queues (a replay must never get a reader kicked).
+    fn catch_up_round(&mut self) {
+        for _ in 0..self.catchup.len() {
+            let Some(subid) = self.catchup.pop_front() else { break };
+            let Some(sub) = self.svc.subscription(&subid).cloned() else {
+                self.live.remove(&subid);
+                continue;
+            };
+            let sessions = self.available_sessions(&sub.jid);
+            let Some(live) = self.live.get_mut(&subid) else { continue };
+            if live.mode != Mode::CatchingUp {
+                continue;
+            }
+            if sessions.is_empty() {
+                live.mode = Mode::Offline;
+                live.enqueued = live.written.load(Ordering::Relaxed);
+                continue;
+            }
+            let room = sessions.iter().map(|s| s.free_slots()).min().unwrap_or(0) / 2;
+            let want = room.min(CATCHUP_BATCH);
+            if want == 0 {
+                self.catchup.push_back(subid);
+                continue;
+            }
+            let head = self.durable.get(&sub.node).copied().unwrap_or_else(|| self.svc.head(&sub.node));
+            let after = live.enqueued;
+            let items = match self.svc.items_between(&sub.node, after, head, want) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!("offline delivery for {subid}: {e}");
+                    self.catchup.push_back(subid);
+                    continue;
+                }
+            };
+            let done = items.len() < want;
+            for item in &items {
+                let event = Event::Items { node: sub.node.clone(), items: vec![item.clone()] };
+                let rest = self.notification(&event, Some(item.published_ms));
+                let Some(live) = self.live.get_mut(&subid) else { break };
+                live.enqueued = item.seq;
+                for s in &sessions {
+                    let _ = s.deliver(Outbound::ToSelf {
+                        rest: rest.clone(),
+                        ack: Some(Ack { cursor: live.written.clone(), seq: item.seq }),
+                    });
+                }
+            }
+            if let Some(live) = self.live.get_mut(&subid) {
+                if done {
+                    live.mode = Mode::Live;
+                } else {
+                    self.catchup.push_back(subid);
+                }
+            }
+        }
+    }
+
+    /// Records delivery progress in the store (flushed with the next group).
+    fn persist_cursors(&mut self) {
+        let mut gone = Vec::new();
+        let updates: Vec<(String, u64)> = self
+            .live
+            .iter_mut()
+            .filter_map(|(id, l)| {
+                let w = l.written.load(Ordering::Relaxed);
+                (w > l.persisted).then(|| {
+                    l.persisted = w;
+                    (id.clone(), w)
+                })
+            })
+            .collect();
+        for (id, w) in updates {
+            if self.svc.subscription(&id).is_none() {
+                gone.push(id);
+                continue;
+            }
+            if let Err(e) = self.svc.set_delivered(&id, w) {
+                tracing::error!("saving delivery cursor: {e}");
+            }
+            self.flush_needed = true;
+        }
+        for id in gone {
+            self.live.remove(&id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("jid", &self.jid).finish()
+    }
+}
+
+/// The broker's address as a bare JID.
+pub fn jid(cfg_jid: &str) -> Result<BareJid, crate::jid::JidError> {
+    BareJid::domain(cfg_jid)
+}
