@@ -212,3 +212,80 @@ pub async fn bind(mut c: Tls, resource: &str) -> (Tls, String) {
     (c, jid)
 }
 pub mod scram;
+
+// ---- Appended for the pubsub interop and crash tests ----
+
+/// What a finished child process did.
+pub struct ChildRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ChildRun {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ChildRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` with stdin closed; kills it (kill_on_drop) and panics after `deadline`.
+pub async fn run_child(mut cmd: tokio::process::Command, deadline: Duration) -> ChildRun {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let shown = format!("{cmd:?}");
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    match tokio::time::timeout(deadline, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            ChildRun {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => panic!("{shown} still running after {deadline:?}"),
+    }
+}
+
+/// `/usr/bin/python3 tests/interop/<name> --port <port> --ca <ca>` plus `args`.
+pub fn interop_python(name: &str, port: u16, ca: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("/usr/bin/python3");
+    // No __pycache__ in the source tree from importing the helper modules.
+    c.env("PYTHONDONTWRITEBYTECODE", "1");
+    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(name));
+    c.arg("--port").arg(port.to_string()).arg("--ca").arg(ca).args(args);
+    c
+}
+
+/// Like [`login`], for a server that is not a [`TestGrid`] (e.g. the real binary):
+/// STARTTLS to `addr` trusting `ca`, PLAIN, bind. Every step within 10 s.
+pub async fn login_at(addr: std::net::SocketAddr, ca: &std::path::Path, user: &str, password: &str, resource: &str) -> (Tls, String) {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await.expect("connect timeout").unwrap();
+    let mut c = Raw::new(tcp);
+    c.send(HEADER).await;
+    c.read_until("</stream:features>").await;
+    c.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>").await;
+    c.read_until("<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>").await;
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
+    let cfg = client_config(ca, None, rustls::DEFAULT_VERSIONS);
+    let tls = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(cfg).connect(name, c.io))
+        .await
+        .expect("TLS handshake timeout")
+        .unwrap();
+    let mut t = Raw::new(tls);
+    t.send(HEADER).await;
+    t.read_until("</stream:features>").await;
+    let creds = B64.encode(format!("\0{user}\0{password}"));
+    t.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>")).await;
+    t.read_until("<success").await;
+    t.read_until(">").await;
+    bind(t, resource).await
+}
