@@ -34,6 +34,9 @@ enum Cmd {
     /// Provision, list and revoke platforms.
     #[command(subcommand)]
     Platform(PlatformCmd),
+    // Act as a platform: topics, publish, subscribe, retrieve.
+    #[command(flatten)]
+    Client(xmpp_grid::client::cli::ClientCmd),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load_config(cli.config.as_deref())?;
             check(&cfg)
         }
+        Cmd::Client(c) => xmpp_grid::client::cli::run_blocking(c, &load_config(cli.config.as_deref())?),
         Cmd::Platform(p) => {
             let cfg = load_config(cli.config.as_deref())?;
             platform(&cfg, p)

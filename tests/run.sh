@@ -25,4 +25,4 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # Benches are programs that print figures (docs/benchmarks.md), not tests.
-cargo test --locked --lib --bins --tests
+cargo test --locked --lib --bins --tests --examples

@@ -132,7 +132,8 @@ enum Mode {
 
 /// A reply and notifications held back until their changes are durable.
 struct Pending {
-    reply: Option<(Arc<SessionHandle>, Bytes)>,
+    /// The session, the result to send, and the request's id (for an error reply instead).
+    reply: Option<(Arc<SessionHandle>, Bytes, Option<String>)>,
     internal: Option<(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>, Reply)>,
     deliveries: Vec<Delivery>,
 }
@@ -207,6 +208,7 @@ impl<S: BrokerStore + 'static> Task<S> {
                 self.pending.push(Pending { reply: None, internal: Some((tx, Reply::Empty)), deliveries: Vec::new() });
             }
             Cmd::Internal(req, reply) => {
+                self.note_publish(&req);
                 let mutation = Service::<S>::is_mutation(&req);
                 let ctx = Ctx { actor: Actor::Controller, login: None, now_ms: now_ms() };
                 match self.svc.handle(&ctx, req) {
@@ -240,6 +242,7 @@ impl<S: BrokerStore + 'static> Task<S> {
             Err(e) => return self.send_error(&session, &stanza, e),
         };
         let ctx = Ctx { actor: Actor::Platform(session.jid.bare().clone()), login: Some(&session.context), now_ms: now_ms() };
+        self.note_publish(&req);
         let mutation = Service::<S>::is_mutation(&req);
         let rendered_req = req.clone();
         match self.svc.handle(&ctx, req) {
@@ -247,20 +250,34 @@ impl<S: BrokerStore + 'static> Task<S> {
                 if matches!(e, PubsubError::Storage(_)) {
                     tracing::error!(from = %session.jid, "broker request failed: {e}");
                 }
-                self.send_error(&session, &stanza, StanzaError::from(&e));
+                self.send_error(&session, &stanza, protocol::error_for(&rendered_req, &e));
             }
             Ok(Outcome { reply, deliveries }) => {
                 let bytes = (stanza.name == "iq").then(|| self.result(&stanza, &session, &reply, &rendered_req));
-                let reply = bytes.map(|b| (session.clone(), b));
+                let reply = bytes.map(|b| (session.clone(), b, stanza.attr("id").map(str::to_owned)));
                 if mutation {
                     self.pending.push(Pending { reply, internal: None, deliveries });
                 } else {
-                    if let Some((s, b)) = reply {
+                    if let Some((s, b, _)) = reply {
                         let _ = s.deliver(b);
                     }
                     self.deliver_all(deliveries);
                 }
             }
+        }
+    }
+
+    /// Before a publish is accepted, pins the node's durable head if not yet known:
+    /// everything the service holds now is durable (loaded, or released by an
+    /// earlier flush), the new item is not until its flush. Without this, offline
+    /// replay (which reads up to the durable head) would fall back to the service
+    /// head and send an item that may never be stored, and send it again on release.
+    fn note_publish(&mut self, req: &Request) {
+        if let Request::Publish { node, .. } = req
+            && !self.durable.contains_key(node)
+        {
+            let head = self.svc.head(node);
+            self.durable.insert(node.clone(), head);
         }
     }
 
@@ -287,19 +304,23 @@ impl<S: BrokerStore + 'static> Task<S> {
     fn release(&mut self, batch: Vec<Pending>, durable: bool) {
         for p in batch {
             if !durable {
-                // Nothing of this batch may be claimed stored.
-                if let Some((s, _)) = p.reply {
-                    let _ = s.deliver(Bytes::from(
-                        format!("<iq type='error' from='{}'><error type='wait'><internal-server-error xmlns='{}'/></error></iq>", self.jid, ns::STANZA_ERRORS)
-                            .into_bytes(),
-                    ));
+                // Nothing of this batch may be claimed stored. The error carries the
+                // request's id and the session's address, or the client could not match it.
+                if let Some((s, _, id)) = p.reply {
+                    let mut r = Element::new("iq", ns::CLIENT).with_attr("type", "error").with_attr("from", &self.jid);
+                    r.set_attr("to", s.jid.to_string());
+                    if let Some(id) = id {
+                        r.set_attr("id", id);
+                    }
+                    r.push(StanzaError::from(&PubsubError::Storage("flush failed".into())).to_element());
+                    let _ = s.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
                 }
                 if let Some((tx, _)) = p.internal {
                     let _ = tx.send(Err(PubsubError::Storage("flush failed".into())));
                 }
                 continue;
             }
-            if let Some((s, b)) = p.reply {
+            if let Some((s, b, _)) = p.reply {
                 let _ = s.deliver(b);
             }
             if let Some((tx, r)) = p.internal {
@@ -406,6 +427,16 @@ impl<S: BrokerStore + 'static> Task<S> {
                 live.mode = Mode::Offline;
                 continue;
             }
+            // Retained items between the cursor and this one were never handed over
+            // (live state began with a stale cursor, e.g. an item released before the
+            // presence was seen): replay them, and this one after them, in order.
+            if item.seq > live.enqueued + 1
+                && self.svc.items_between(node, live.enqueued, item.seq - 1, 1).is_ok_and(|v| !v.is_empty())
+            {
+                live.mode = Mode::CatchingUp;
+                self.catchup.push_back(subid.clone());
+                continue;
+            }
             live.enqueued = item.seq;
             for s in &sessions {
                 let ack = Ack { cursor: live.written.clone(), seq: item.seq };
@@ -427,8 +458,11 @@ impl<S: BrokerStore + 'static> Task<S> {
                 continue;
             }
             let online = !self.available_sessions(&sub.jid).is_empty();
+            // No live state yet (first presence since start): the stored cursor may
+            // be behind, so replay as for a return from offline.
+            let fresh = !self.live.contains_key(&sub.subid);
             let Some(live) = self.live_entry(&sub.subid, &sub.jid) else { continue };
-            if available && live.mode == Mode::Offline {
+            if available && (live.mode == Mode::Offline || fresh) {
                 live.mode = Mode::CatchingUp;
                 live.enqueued = live.written.load(Ordering::Relaxed).max(sub.delivered);
                 self.catchup.push_back(sub.subid.clone());
@@ -543,4 +577,264 @@ impl std::fmt::Debug for Broker {
 /// The broker's address as a bare JID.
 pub fn jid(cfg_jid: &str) -> Result<BareJid, crate::jid::JidError> {
     BareJid::domain(cfg_jid)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The broker task with real sessions' queues but no sockets: a store whose
+    //! flushes the test holds or fails, and acks raised as a session would after
+    //! writing. Every wait is bounded.
+
+    use super::*;
+    use crate::authz::AllowAll;
+    use crate::pubsub::service::{Limits, Service};
+    use crate::pubsub::store::{BrokerStoreError, Loaded, MemStore};
+    use crate::session::Sessions;
+    use crate::stream::parser::{Event as ParseEvent, Limits as ParseLimits, Parser};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    /// Flush control shared with the test.
+    #[derive(Default)]
+    struct Gate {
+        hold: AtomicBool,
+        fail: AtomicBool,
+    }
+
+    struct GatedStore {
+        inner: MemStore,
+        gate: Arc<Gate>,
+    }
+
+    impl BrokerStore for GatedStore {
+        fn load(&self) -> Result<Loaded, BrokerStoreError> {
+            self.inner.load()
+        }
+        fn put_node(&mut self, rec: &NodeRecord) -> Result<(), BrokerStoreError> {
+            self.inner.put_node(rec)
+        }
+        fn delete_node(&mut self, node: &NodeId) -> Result<(), BrokerStoreError> {
+            self.inner.delete_node(node)
+        }
+        fn put_item(&mut self, node: &NodeId, item: &Item) -> Result<(), BrokerStoreError> {
+            self.inner.put_item(node, item)
+        }
+        fn delete_item(&mut self, node: &NodeId, seq: u64) -> Result<(), BrokerStoreError> {
+            self.inner.delete_item(node, seq)
+        }
+        fn get_item(&self, node: &NodeId, seq: u64) -> Result<Option<Item>, BrokerStoreError> {
+            self.inner.get_item(node, seq)
+        }
+        fn put_sub(&mut self, sub: &SubRecord) -> Result<(), BrokerStoreError> {
+            self.inner.put_sub(sub)
+        }
+        fn delete_sub(&mut self, subid: &str) -> Result<(), BrokerStoreError> {
+            self.inner.delete_sub(subid)
+        }
+        fn flusher(&self) -> Box<dyn Fn() -> Result<(), BrokerStoreError> + Send + Sync> {
+            let gate = self.gate.clone();
+            Box::new(move || {
+                let until = Instant::now() + Duration::from_secs(5);
+                while gate.hold.load(Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if gate.fail.load(Ordering::SeqCst) {
+                    Err(BrokerStoreError::Corrupt { tree: "test", message: "flush failed".into() })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    fn bare(s: &str) -> BareJid {
+        BareJid::parse(s).unwrap()
+    }
+
+    fn login() -> crate::authz::Context {
+        crate::authz::Context { authn: "PLAIN".into(), tls_version: "TLSv1.3", source: "127.0.0.1".parse().unwrap() }
+    }
+
+    fn publish(id: &str) -> Request {
+        Request::Publish {
+            node: NodeId("incidents".into()),
+            item_id: Some(id.into()),
+            payload: Bytes::from(format!("<x xmlns='urn:test'>{id}</x>")),
+            preconditions: ConfigPatch::default(),
+        }
+    }
+
+    /// A service where bob@grid.test subscribed to `incidents` and then missed
+    /// `missed` items (as after a restart: the broker has no live state for him).
+    fn service(gate: &Arc<Gate>, missed: usize) -> Service<GatedStore> {
+        let store = GatedStore { inner: MemStore::default(), gate: gate.clone() };
+        let mut svc = Service::open(store, Arc::new(AllowAll), Limits::default(), AccessModel::Open).unwrap();
+        let ctx = Ctx { actor: Actor::Controller, login: None, now_ms: 1_700_000_000_000 };
+        let create = ConfigPatch { publish_model: Some(PublishModel::Open), ..ConfigPatch::default() };
+        svc.handle(&ctx, Request::Create { node: Some(NodeId("incidents".into())), config: create }).unwrap();
+        svc.handle(&ctx, Request::Subscribe { node: NodeId("incidents".into()), jid: Jid::parse("bob@grid.test").unwrap() })
+            .unwrap();
+        for i in 1..=missed {
+            svc.handle(&ctx, publish(&format!("i{i}"))).unwrap();
+        }
+        svc
+    }
+
+    struct Fx {
+        broker: Arc<Broker>,
+        sessions: Arc<Sessions>,
+    }
+
+    fn start(svc: Service<GatedStore>) -> Fx {
+        let sessions = Arc::new(Sessions::default());
+        let broker = Broker::start(svc, sessions.clone(), "broker.grid.test".into());
+        Fx { broker, sessions }
+    }
+
+    impl Fx {
+        fn bind(&self, full: &str, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+            let (b, r) = full.split_once('/').unwrap();
+            self.sessions.bind(bare(b).with_resource(r).unwrap(), queue, login())
+        }
+        fn available(&self, s: &Arc<SessionHandle>) {
+            s.set_presence(true, 0);
+            self.broker.presence(s, true);
+        }
+    }
+
+    /// What arrives within `quiet` of the previous stanza, as text; acks are
+    /// raised as the session does once it has written a stanza.
+    async fn drain(rx: &mut mpsc::Receiver<Outbound>, quiet: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Some(o)) = tokio::time::timeout(quiet, rx.recv()).await {
+            out.push(match o {
+                Outbound::Stanza(b) => String::from_utf8_lossy(&b).into_owned(),
+                Outbound::ToSelf { rest, ack } => {
+                    if let Some(a) = ack {
+                        a.cursor.fetch_max(a.seq, Ordering::SeqCst);
+                    }
+                    format!("<message to='…'{}", String::from_utf8_lossy(&rest))
+                }
+            });
+        }
+        out
+    }
+
+    /// The item ids of item notifications, in order, each marked "+delay" if stamped.
+    fn items(stanzas: &[String]) -> Vec<String> {
+        stanzas
+            .iter()
+            .filter_map(|s| {
+                let at = s.find("<item id='")? + "<item id='".len();
+                let id = &s[at..at + s[at..].find('\'')?];
+                Some(if s.contains("urn:xmpp:delay") { format!("{id}+delay") } else { id.to_string() })
+            })
+            .collect()
+    }
+
+    fn stanza(xml: &str) -> Element {
+        let mut p = Parser::new(ParseLimits { max_stanza_bytes: 1 << 20, max_depth: 32 });
+        p.buffer_mut().extend_from_slice(
+            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>",
+        );
+        p.buffer_mut().extend_from_slice(xml.as_bytes());
+        loop {
+            match p.next_event() {
+                Ok(Some(ParseEvent::Stanza(e))) => return e,
+                Ok(Some(_)) => continue,
+                other => panic!("no stanza in {xml}: {other:?}"),
+            }
+        }
+    }
+
+    const QUIET: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn presence_after_a_restart_replays_what_the_subscriber_missed() {
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 3));
+        let (bob, mut rx) = f.bind("bob@grid.test/r", 64);
+        f.available(&bob);
+        assert_eq!(items(&drain(&mut rx, QUIET).await), vec!["i1+delay", "i2+delay", "i3+delay"]);
+        // Then live, unstamped.
+        f.broker.internal(publish("i4")).await.unwrap();
+        assert_eq!(items(&drain(&mut rx, QUIET).await), vec!["i4"]);
+    }
+
+    #[tokio::test]
+    async fn an_item_fanned_out_before_the_presence_is_seen_does_not_skip_missed_items() {
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 3));
+        let (bob, mut rx) = f.bind("bob@grid.test/r", 64);
+        // Available, but the broker has not processed the presence yet.
+        bob.set_presence(true, 0);
+        f.broker.internal(publish("i4")).await.unwrap();
+        let got: Vec<String> = items(&drain(&mut rx, QUIET).await).into_iter().map(|s| s.replace("+delay", "")).collect();
+        assert_eq!(got, vec!["i1", "i2", "i3", "i4"]);
+    }
+
+    #[tokio::test]
+    async fn catch_up_stops_at_what_is_durable_and_sends_nothing_twice() {
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 2));
+        let (bob, mut rx) = f.bind("bob@grid.test/r", 64);
+        gate.hold.store(true, Ordering::SeqCst);
+        let b = f.broker.clone();
+        let publishing = tokio::spawn(async move { b.internal(publish("i3")).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!publishing.is_finished(), "acknowledged before the flush");
+        f.available(&bob);
+        // i3 is accepted but not durable: the replay must stop before it.
+        assert_eq!(items(&drain(&mut rx, QUIET).await), vec!["i1+delay", "i2+delay"]);
+        gate.hold.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), publishing).await.unwrap().unwrap().unwrap();
+        let got = items(&drain(&mut rx, QUIET).await);
+        assert_eq!(got.iter().filter(|s| s.starts_with("i3")).count(), 1, "{got:?}");
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_answers_the_request_with_an_error_it_can_match() {
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 0));
+        let (alice, mut rx) = f.bind("alice@grid.test/r", 64);
+        gate.fail.store(true, Ordering::SeqCst);
+        f.broker.handle(
+            &alice,
+            stanza(
+                "<iq type='set' id='c1' from='alice@grid.test/r' to='broker.grid.test'>\
+                 <pubsub xmlns='http://jabber.org/protocol/pubsub'><create node='new'/></pubsub></iq>",
+            ),
+        );
+        let got = drain(&mut rx, QUIET).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let e = &got[0];
+        for part in ["type='error'", "id='c1'", "from='broker.grid.test'", "to='alice@grid.test/r'", "<internal-server-error"] {
+            assert!(e.contains(part), "{part} missing: {e}");
+        }
+        // The controller's own requests are told too.
+        let r = f.broker.internal(publish("x")).await;
+        assert!(matches!(r, Err(PubsubError::Storage(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_leaves_resumes_after_what_reached_its_socket() {
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 0));
+        let (bob, mut rx) = f.bind("bob@grid.test/r", 64);
+        f.available(&bob);
+        f.broker.internal(publish("i1")).await.unwrap();
+        assert_eq!(items(&drain(&mut rx, QUIET).await), vec!["i1"]);
+        // i2 is queued but never written (acks not raised), then the session ends.
+        f.broker.internal(publish("i2")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(rx);
+        f.sessions.unbind(&bob);
+        bob.set_presence(false, 0);
+        f.broker.presence(&bob, false);
+        f.broker.internal(publish("i3")).await.unwrap();
+        let (bob2, mut rx2) = f.bind("bob@grid.test/r", 64);
+        f.available(&bob2);
+        assert_eq!(items(&drain(&mut rx2, QUIET).await), vec!["i2+delay", "i3+delay"]);
+    }
 }

@@ -179,6 +179,21 @@ impl From<&PubsubError> for StanzaError {
     }
 }
 
+/// The error for `e` in answer to `req`: where XEP-0060 words one service error
+/// differently per use case, the request decides; otherwise the table above.
+pub fn error_for(req: &Request, e: &PubsubError) -> StanzaError {
+    match (req, e) {
+        // §6.5.9.3: retrieving items of an authorize node without a subscription
+        // (unsubscribing without one stays §6.2.3.2 unexpected-request).
+        (Request::Items { .. }, PubsubError::NotSubscribed) => err(ErrorType::Auth, "not-authorized", Some("not-subscribed")),
+        // §6.1.3.9: the subscription quota.
+        (Request::Subscribe { .. }, PubsubError::LimitReached(text)) => {
+            err(ErrorType::Wait, "policy-violation", Some("too-many-subscriptions")).text(text.clone())
+        }
+        _ => StanzaError::from(e),
+    }
+}
+
 impl From<PubsubError> for StanzaError {
     fn from(e: PubsubError) -> Self {
         StanzaError::from(&e)
@@ -1969,5 +1984,24 @@ mod tests {
         assert_eq!(e.text.as_deref(), Some("internal error"), "no internals on the wire");
         let wire = s(&e.to_element());
         assert!(!wire.contains("sled"), "{wire}");
+    }
+
+    #[test]
+    fn some_errors_depend_on_the_request() {
+        let some = |s: &str| Some(s.to_owned());
+        let items = Request::Items { node: node("n"), max_items: None, item_ids: vec![], page: None };
+        let unsub = Request::Unsubscribe { node: node("n"), jid: jid("a@grid.test"), subid: None };
+        let sub = Request::Subscribe { node: node("n"), jid: jid("a@grid.test") };
+        let create = Request::Create { node: Some(node("n")), config: ConfigPatch::default() };
+        let limit = PubsubError::LimitReached("a platform may hold at most 2 subscriptions".into());
+        // §6.5.9.3 vs §6.2.3.2.
+        assert_eq!(shape(&error_for(&items, &PubsubError::NotSubscribed)), ("auth", "not-authorized", some("not-subscribed")));
+        assert_eq!(shape(&error_for(&unsub, &PubsubError::NotSubscribed)), ("cancel", "unexpected-request", some("not-subscribed")));
+        // §6.1.3.9; other quotas have no XEP-0060 condition of their own.
+        let e = error_for(&sub, &limit);
+        assert_eq!(shape(&e), ("wait", "policy-violation", some("too-many-subscriptions")));
+        assert!(e.text.is_some());
+        assert_eq!(shape(&error_for(&create, &limit)), ("wait", "policy-violation", None));
+        assert_eq!(shape(&error_for(&items, &PubsubError::Forbidden)), ("auth", "forbidden", None));
     }
 }

@@ -145,7 +145,8 @@ impl<S: BrokerStore> Service<S> {
         for mut rec in loaded.nodes {
             let list: VecDeque<ItemMeta> = items.remove(&rec.id).unwrap_or_default().into();
             if let Some(last) = list.back() {
-                // next_seq is persisted on purge and delete; publishes advance it in memory only.
+                // next_seq is persisted whenever the newest item goes (purge, retract,
+                // expiry); publishes advance it in memory only.
                 rec.next_seq = rec.next_seq.max(last.seq + 1);
             }
             let by_id = list.iter().map(|m| (m.id.clone(), m.seq)).collect();
@@ -325,6 +326,10 @@ impl<S: BrokerStore> Service<S> {
         let aff = self.affiliation(ctx, n);
         if aff == Affiliation::Outcast {
             return Err(PubsubError::Outcast);
+        }
+        // §4.1: publish-only may publish (and retract its own), never read.
+        if aff == Affiliation::PublishOnly {
+            return Err(PubsubError::Forbidden);
         }
         if matches!(aff, Affiliation::Owner | Affiliation::Publisher | Affiliation::Member) {
             return Ok(());
@@ -554,8 +559,20 @@ impl<S: BrokerStore> Service<S> {
             let e = n.rec.config.item_expire_secs;
             if e > 0 {
                 let max = n.rec.config.max_items as usize;
-                Self::trim(&mut self.store, n, max, now_ms.saturating_sub(e * 1000))?;
+                if !Self::trim(&mut self.store, n, max, now_ms.saturating_sub(e * 1000))?.is_empty() {
+                    Self::keep_next_seq(&mut self.store, n)?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// `open` recovers next_seq from the newest stored item; once the newest item
+    /// is gone (retracted, expired) the node record must carry it, or seqs (and
+    /// with them delivery cursors and RSM cursors) would be reused after a restart.
+    fn keep_next_seq(store: &mut S, n: &NodeState) -> Result<(), PubsubError> {
+        if n.items.back().map_or(0, |m| m.seq) != n.last_seq() {
+            store.put_node(&n.rec).map_err(storage)?;
         }
         Ok(())
     }
@@ -584,6 +601,7 @@ impl<S: BrokerStore> Service<S> {
                 self.store.delete_item(&node, seq).map_err(storage)?;
             }
         }
+        Self::keep_next_seq(&mut self.store, n)?;
         let mut out = Outcome::reply(Reply::Empty);
         if notify || n.rec.config.notify_retract {
             out.deliveries.push(Delivery { event: Event::Retract { node, item_ids: ids }, to });
@@ -609,6 +627,8 @@ impl<S: BrokerStore> Service<S> {
         let aff = self.affiliation(ctx, n);
         let state = match (aff, n.rec.config.access_model) {
             (Affiliation::Outcast, _) => return Err(PubsubError::Outcast),
+            // §4.1: publish-only may not subscribe.
+            (Affiliation::PublishOnly, _) => return Err(PubsubError::Forbidden),
             (Affiliation::Owner | Affiliation::Publisher | Affiliation::Member, _) => SubState::Subscribed,
             (_, AccessModel::Open) => SubState::Subscribed,
             (_, AccessModel::Whitelist) => return Err(PubsubError::ClosedNode),
@@ -767,7 +787,9 @@ impl<S: BrokerStore> Service<S> {
             return Ok(Outcome::reply(Reply::NodeList { nodes: visible, page: None }));
         };
         // Cursors are node names: stable as nodes come and go.
-        let want = p.max.map_or(self.limits.max_items_per_page as usize, |m| m as usize);
+        // The same cap as item pages (RFC 8600 §8.3.4 result sizes).
+        let cap = self.limits.max_items_per_page as usize;
+        let want = p.max.map_or(cap, |m| (m as usize).min(cap));
         let list: Vec<(NodeId, String)> = match (&p.after, &p.before) {
             (Some(a), _) => visible.iter().filter(|(id, _)| id.0.as_str() > a.as_str()).take(want).cloned().collect(),
             (None, Some(b)) if !b.is_empty() => {
@@ -1003,4 +1025,1507 @@ fn check_preconditions(c: &NodeConfig, p: &ConfigPatch, max_items_cap: u32) -> R
         return mismatch("pubsub#persist_items");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The broker's rules, one concern per group (STYLE §10): a MemStore (a sled
+    //! store in a temporary directory for restarts), a table authorizer, and time
+    //! passed in explicitly. No Tokio, no sockets.
+
+    use super::*;
+    use crate::pubsub::store::{MemStore, SledStore};
+    use bytes::Bytes;
+
+    // ---- harness ----------------------------------------------------------
+
+    /// Denies the listed (principal, action, topic) triples, allows the rest.
+    #[derive(Default)]
+    struct Table(Vec<(String, Action, String)>);
+
+    impl Authorize for Table {
+        fn authorize(&self, r: &authz::Request<'_>) -> authz::Decision {
+            let denied = self
+                .0
+                .iter()
+                .any(|(p, a, t)| *p == r.principal.to_string() && *a == r.action && Some(t.as_str()) == r.topic);
+            authz::Decision { allowed: !denied, reasons: vec![if denied { "table-deny" } else { "table-allow" }.into()] }
+        }
+    }
+
+    const T0: u64 = 1_700_000_000_000;
+
+    struct Fx<S: BrokerStore> {
+        svc: Service<S>,
+        login: authz::Context,
+        now: u64,
+    }
+
+    fn login() -> authz::Context {
+        authz::Context { authn: "PLAIN".into(), tls_version: "TLSv1.3", source: "127.0.0.1".parse().unwrap() }
+    }
+
+    fn fx() -> Fx<MemStore> {
+        fx_with(Limits::default(), Table::default(), AccessModel::Open)
+    }
+
+    fn fx_with(limits: Limits, table: Table, access: AccessModel) -> Fx<MemStore> {
+        Fx { svc: Service::open(MemStore::default(), Arc::new(table), limits, access).unwrap(), login: login(), now: T0 }
+    }
+
+    fn p(name: &str) -> BareJid {
+        BareJid::new(name, "grid.test").unwrap()
+    }
+
+    fn jid(s: &str) -> Jid {
+        Jid::parse(s).unwrap()
+    }
+
+    fn n(s: &str) -> NodeId {
+        NodeId(s.into())
+    }
+
+    fn payload(s: &str) -> Bytes {
+        Bytes::from(format!("<x xmlns='urn:test'>{s}</x>"))
+    }
+
+    fn publish(node: &str, id: Option<&str>, body: &str) -> Request {
+        Request::Publish { node: n(node), item_id: id.map(str::to_owned), payload: payload(body), preconditions: ConfigPatch::default() }
+    }
+
+    fn subscribe(node: &str, who: &str) -> Request {
+        Request::Subscribe { node: n(node), jid: jid(who) }
+    }
+
+    fn items(node: &str) -> Request {
+        Request::Items { node: n(node), max_items: None, item_ids: Vec::new(), page: None }
+    }
+
+    fn page(node: &str, max: Option<u32>, after: Option<&str>, before: Option<&str>) -> Request {
+        Request::Items {
+            node: n(node),
+            max_items: None,
+            item_ids: Vec::new(),
+            page: Some(Page { max, after: after.map(str::to_owned), before: before.map(str::to_owned) }),
+        }
+    }
+
+    impl<S: BrokerStore> Fx<S> {
+        /// Runs `req` as platform `who` ("" for the controller itself); the clock ticks 1 ms.
+        fn run(&mut self, who: &str, req: Request) -> Result<Outcome, PubsubError> {
+            self.now += 1;
+            let ctx = if who.is_empty() {
+                Ctx { actor: Actor::Controller, login: None, now_ms: self.now }
+            } else {
+                Ctx { actor: Actor::Platform(p(who)), login: Some(&self.login), now_ms: self.now }
+            };
+            self.svc.handle(&ctx, req)
+        }
+        fn ok(&mut self, who: &str, req: Request) -> Outcome {
+            let what = format!("{req:?}");
+            self.run(who, req).unwrap_or_else(|e| panic!("{who}: {what} failed: {e:?}"))
+        }
+        fn err(&mut self, who: &str, req: Request) -> PubsubError {
+            let what = format!("{req:?}");
+            match self.run(who, req) {
+                Err(e) => e,
+                Ok(o) => panic!("{who}: {what} succeeded: {o:?}"),
+            }
+        }
+        fn create(&mut self, who: &str, node: &str, patch: ConfigPatch) {
+            self.ok(who, Request::Create { node: Some(n(node)), config: patch });
+        }
+        /// Publishes; returns the item id.
+        fn publish(&mut self, who: &str, node: &str, id: Option<&str>) -> String {
+            match self.ok(who, publish(node, id, id.unwrap_or("x"))).reply {
+                Reply::Published { item_id, .. } => item_id,
+                r => panic!("{r:?}"),
+            }
+        }
+        fn subscribe(&mut self, who: &str, node: &str) -> SubView {
+            match self.ok(who, subscribe(node, &format!("{who}@grid.test"))).reply {
+                Reply::Subscription(s) => s,
+                r => panic!("{r:?}"),
+            }
+        }
+        fn items(&mut self, who: &str, req: Request) -> (Vec<String>, Option<PageInfo>) {
+            match self.ok(who, req).reply {
+                Reply::Items { items, page, .. } => (items.into_iter().map(|i| i.id).collect(), page),
+                r => panic!("{r:?}"),
+            }
+        }
+        fn config(&mut self, node: &str) -> NodeConfig {
+            match self.ok("", Request::ConfigureGet { node: n(node) }).reply {
+                Reply::Config { config, .. } => config,
+                r => panic!("{r:?}"),
+            }
+        }
+        fn affiliate(&mut self, owner: &str, node: &str, who: &str, a: Affiliation) {
+            self.ok(owner, Request::OwnerAffiliationsSet { node: n(node), changes: vec![(p(who), a)] });
+        }
+        fn my_subs(&mut self, who: &str) -> Vec<SubView> {
+            match self.ok(who, Request::Subscriptions { node: None }).reply {
+                Reply::Subscriptions { subs, .. } => subs,
+                r => panic!("{r:?}"),
+            }
+        }
+    }
+
+    fn patch() -> ConfigPatch {
+        ConfigPatch::default()
+    }
+
+    fn access(m: AccessModel) -> ConfigPatch {
+        ConfigPatch { access_model: Some(m), ..ConfigPatch::default() }
+    }
+
+    /// Every recipient JID of every delivery of `event_kind` ("items", "retract", …).
+    fn recipients(o: &Outcome, kind: &str) -> Vec<String> {
+        o.deliveries
+            .iter()
+            .filter(|d| {
+                let k = match &d.event {
+                    Event::Items { .. } => "items",
+                    Event::Retract { .. } => "retract",
+                    Event::Purge { .. } => "purge",
+                    Event::Delete { .. } => "delete",
+                    Event::Configuration { .. } => "configuration",
+                    Event::Subscription { .. } => "subscription",
+                    Event::ApprovalRequest { .. } => "approval",
+                };
+                k == kind
+            })
+            .flat_map(|d| d.to.iter().map(|t| t.jid.clone()))
+            .collect()
+    }
+
+    // ---- create -----------------------------------------------------------
+
+    #[test]
+    fn create_named_node_makes_the_creator_its_only_owner() {
+        let mut f = fx();
+        let o = f.ok("alice", Request::Create { node: Some(n("incidents")), config: patch() });
+        assert_eq!(o.reply, Reply::Created { node: n("incidents") });
+        match f.ok("alice", Request::OwnerAffiliations { node: n("incidents") }).reply {
+            Reply::Affiliations { affs, .. } => assert_eq!(affs, vec![(n("incidents"), p("alice"), Affiliation::Owner)]),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn create_without_a_name_makes_an_instant_node_with_a_fresh_name() {
+        let mut f = fx();
+        let a = match f.ok("alice", Request::Create { node: None, config: patch() }).reply {
+            Reply::Created { node } => node,
+            r => panic!("{r:?}"),
+        };
+        let b = match f.ok("alice", Request::Create { node: None, config: patch() }).reply {
+            Reply::Created { node } => node,
+            r => panic!("{r:?}"),
+        };
+        assert!(!a.0.is_empty() && a != b, "{a} {b}");
+        f.publish("alice", &a.0, None);
+    }
+
+    #[test]
+    fn create_of_an_existing_node_is_a_conflict() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        assert_eq!(f.err("bob", Request::Create { node: Some(n("incidents")), config: patch() }), PubsubError::Conflict);
+        assert_eq!(f.err("alice", Request::Create { node: Some(n("incidents")), config: patch() }), PubsubError::Conflict);
+    }
+
+    #[test]
+    fn create_applies_the_configuration_form() {
+        let mut f = fx();
+        let form = ConfigPatch {
+            title: Some("Incidents".into()),
+            description: Some("IODEF reports".into()),
+            payload_type: Some("urn:ietf:params:xml:ns:iodef-2.0".into()),
+            access_model: Some(AccessModel::Whitelist),
+            publish_model: Some(PublishModel::Open),
+            max_items: Some(7),
+            item_expire_secs: Some(60),
+            notify_retract: Some(false),
+            notify_delete: Some(false),
+            notify_config: Some(true),
+            send_last_published_item: Some(SendLast::OnSub),
+            persist_items: Some(true),
+        };
+        f.create("alice", "incidents", form);
+        let c = f.config("incidents");
+        assert_eq!(
+            c,
+            NodeConfig {
+                title: "Incidents".into(),
+                description: "IODEF reports".into(),
+                payload_type: "urn:ietf:params:xml:ns:iodef-2.0".into(),
+                access_model: AccessModel::Whitelist,
+                publish_model: PublishModel::Open,
+                max_items: 7,
+                item_expire_secs: 60,
+                notify_retract: false,
+                notify_delete: false,
+                notify_config: true,
+                send_last_published_item: SendLast::OnSub,
+            }
+        );
+    }
+
+    #[test]
+    fn create_clamps_max_items_to_the_service_limit_and_refuses_zero() {
+        let limits = Limits { max_items_per_node: 50, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        // "max" arrives as u32::MAX.
+        f.create("alice", "a", ConfigPatch { max_items: Some(u32::MAX), ..patch() });
+        assert_eq!(f.config("a").max_items, 50);
+        f.create("alice", "b", ConfigPatch { max_items: Some(51), ..patch() });
+        assert_eq!(f.config("b").max_items, 50);
+        let e = f.err("alice", Request::Create { node: Some(n("c")), config: ConfigPatch { max_items: Some(0), ..patch() } });
+        assert!(matches!(e, PubsubError::BadConfig(_)), "{e:?}");
+        let e = f.err("alice", Request::Create { node: Some(n("d")), config: ConfigPatch { persist_items: Some(false), ..patch() } });
+        assert!(matches!(e, PubsubError::BadConfig(_)), "{e:?}");
+        // Nothing was created by the refused requests.
+        assert_eq!(f.err("alice", items("c")), PubsubError::NodeNotFound);
+        assert_eq!(f.err("alice", items("d")), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn create_stops_at_the_topics_per_platform_limit() {
+        let limits = Limits { max_topics_per_platform: 2, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        f.create("alice", "a1", patch());
+        f.create("alice", "a2", patch());
+        let e = f.err("alice", Request::Create { node: Some(n("a3")), config: patch() });
+        assert!(matches!(e, PubsubError::LimitReached(_)), "{e:?}");
+        // Another platform has its own quota; the controller has none.
+        f.create("bob", "b1", patch());
+        f.create("", "c1", patch());
+        f.create("", "c2", patch());
+        f.create("", "c3", patch());
+        // Deleting frees a place.
+        f.ok("alice", Request::Delete { node: n("a1") });
+        f.create("alice", "a3", patch());
+    }
+
+    // ---- configure and default --------------------------------------------
+
+    #[test]
+    fn configure_get_and_set_are_for_owners_only() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        match f.ok("alice", Request::ConfigureGet { node: n("incidents") }).reply {
+            Reply::Config { node, config } => {
+                assert_eq!(node, Some(n("incidents")));
+                assert_eq!(config, default_config(AccessModel::Open));
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(f.err("bob", Request::ConfigureGet { node: n("incidents") }), PubsubError::Forbidden);
+        let set = ConfigPatch { title: Some("T".into()), access_model: Some(AccessModel::Authorize), ..patch() };
+        assert_eq!(f.err("bob", Request::ConfigureSet { node: n("incidents"), config: set.clone() }), PubsubError::Forbidden);
+        assert_eq!(f.config("incidents").title, "");
+        let o = f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: set });
+        assert_eq!(o.reply, Reply::Empty);
+        let c = f.config("incidents");
+        assert_eq!((c.title.as_str(), c.access_model), ("T", AccessModel::Authorize));
+        // Unset fields kept their values.
+        assert_eq!(c.max_items, default_config(AccessModel::Open).max_items);
+        assert_eq!(f.err("alice", Request::ConfigureGet { node: n("nope") }), PubsubError::NodeNotFound);
+        // A publisher is not an owner.
+        f.affiliate("alice", "incidents", "bob", Affiliation::Publisher);
+        assert_eq!(f.err("bob", Request::ConfigureGet { node: n("incidents") }), PubsubError::Forbidden);
+    }
+
+    #[test]
+    fn configure_notifies_subscribers_only_when_notify_config_is_set() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        let o = f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: ConfigPatch { title: Some("a".into()), ..patch() } });
+        assert!(o.deliveries.is_empty(), "{o:?}");
+        let o = f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: ConfigPatch { notify_config: Some(true), ..patch() } });
+        assert_eq!(recipients(&o, "configuration"), vec!["bob@grid.test"]);
+    }
+
+    #[test]
+    fn lowering_max_items_drops_the_oldest_items() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        for id in ["a", "b", "c", "d"] {
+            f.publish("alice", "incidents", Some(id));
+        }
+        f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: ConfigPatch { max_items: Some(2), ..patch() } });
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["c", "d"]);
+    }
+
+    #[test]
+    fn default_config_uses_the_service_access_model() {
+        let mut f = fx_with(Limits::default(), Table::default(), AccessModel::Authorize);
+        match f.ok("bob", Request::DefaultConfig).reply {
+            Reply::Config { node: None, config } => assert_eq!(config, default_config(AccessModel::Authorize)),
+            r => panic!("{r:?}"),
+        }
+        f.create("alice", "incidents", patch());
+        assert_eq!(f.config("incidents").access_model, AccessModel::Authorize);
+    }
+
+    // ---- delete -----------------------------------------------------------
+
+    #[test]
+    fn delete_tells_subscribers_and_removes_their_subscriptions() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.publish("alice", "incidents", Some("a"));
+        f.subscribe("bob", "incidents");
+        f.subscribe("carol", "incidents");
+        assert_eq!(f.err("bob", Request::Delete { node: n("incidents") }), PubsubError::Forbidden);
+        let o = f.ok("alice", Request::Delete { node: n("incidents") });
+        let mut to = recipients(&o, "delete");
+        to.sort();
+        assert_eq!(to, vec!["bob@grid.test", "carol@grid.test"]);
+        assert!(f.my_subs("bob").is_empty());
+        assert!(f.svc.subscriptions_of(&p("bob")).is_empty());
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::NodeNotFound);
+        assert_eq!(f.err("alice", Request::Delete { node: n("incidents") }), PubsubError::NodeNotFound);
+        // The name is free again, with nothing of the old node in it.
+        f.create("carol", "incidents", patch());
+        assert!(f.items("carol", items("incidents")).0.is_empty());
+    }
+
+    #[test]
+    fn delete_without_notify_delete_tells_nobody() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { notify_delete: Some(false), ..patch() });
+        f.subscribe("bob", "incidents");
+        assert!(f.ok("alice", Request::Delete { node: n("incidents") }).deliveries.is_empty());
+    }
+
+    // ---- purge ------------------------------------------------------------
+
+    #[test]
+    fn purge_removes_every_item_and_seqs_keep_growing() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        for id in ["a", "b", "c"] {
+            f.publish("alice", "incidents", Some(id));
+        }
+        assert_eq!(f.err("bob", Request::Purge { node: n("incidents") }), PubsubError::Forbidden);
+        let o = f.ok("alice", Request::Purge { node: n("incidents") });
+        assert_eq!(recipients(&o, "purge"), vec!["bob@grid.test"]);
+        assert!(f.items("bob", items("incidents")).0.is_empty());
+        assert_eq!(f.svc.head(&n("incidents")), 3);
+        f.publish("alice", "incidents", Some("a"));
+        assert_eq!(f.svc.head(&n("incidents")), 4);
+        let it = f.svc.items_between(&n("incidents"), 0, u64::MAX, 10).unwrap();
+        assert_eq!(it.iter().map(|i| (i.id.as_str(), i.seq)).collect::<Vec<_>>(), vec![("a", 4)]);
+    }
+
+    // ---- publish ----------------------------------------------------------
+
+    #[test]
+    fn publish_keeps_the_client_item_id_or_makes_one() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        assert_eq!(f.publish("alice", "incidents", Some("report-1")), "report-1");
+        let made = f.publish("alice", "incidents", None);
+        assert!(!made.is_empty() && made != "report-1");
+        let made2 = f.publish("alice", "incidents", None);
+        assert_ne!(made, made2);
+        // An empty id is no id.
+        let o = f.ok("alice", Request::Publish { node: n("incidents"), item_id: Some(String::new()), payload: payload("e"), preconditions: patch() });
+        assert!(matches!(o.reply, Reply::Published { ref item_id, .. } if !item_id.is_empty()), "{o:?}");
+        assert_eq!(f.items("alice", items("incidents")).0.len(), 4);
+    }
+
+    #[test]
+    fn published_items_carry_publisher_time_payload_and_rising_seqs() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        let o = f.ok("alice", publish("incidents", Some("a"), "one"));
+        let now = f.now;
+        match &o.deliveries[..] {
+            [Delivery { event: Event::Items { node, items }, to }] => {
+                assert_eq!(node, &n("incidents"));
+                assert_eq!(items.len(), 1);
+                let it = &items[0];
+                assert_eq!((it.id.as_str(), it.seq, &it.publisher, it.published_ms), ("a", 1, &p("alice"), now));
+                assert_eq!(it.payload, payload("one"));
+                assert_eq!(to, &vec![Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(f.my_subs("bob")[0].subid.clone()) }]);
+            }
+            d => panic!("{d:?}"),
+        }
+        f.publish("alice", "incidents", Some("b"));
+        assert_eq!(f.svc.head(&n("incidents")), 2);
+    }
+
+    #[test]
+    fn republishing_an_id_replaces_the_item_and_moves_it_to_the_end() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        for id in ["a", "b", "c"] {
+            f.publish("alice", "incidents", Some(id));
+        }
+        f.ok("alice", publish("incidents", Some("a"), "second version"));
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["b", "c", "a"]);
+        match f.ok("alice", Request::Items { node: n("incidents"), max_items: None, item_ids: vec!["a".into()], page: None }).reply {
+            Reply::Items { items, .. } => {
+                assert_eq!(items.len(), 1);
+                assert_eq!(items[0].payload, payload("second version"));
+                assert_eq!(items[0].seq, 4);
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(f.svc.items_between(&n("incidents"), 0, u64::MAX, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn publish_without_payload_is_payload_required() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let req = Request::Publish { node: n("incidents"), item_id: Some("a".into()), payload: Bytes::new(), preconditions: patch() };
+        assert_eq!(f.err("alice", req), PubsubError::PayloadRequired);
+        assert!(f.items("alice", items("incidents")).0.is_empty());
+    }
+
+    #[test]
+    fn publish_over_the_payload_limit_is_payload_too_big() {
+        let limits = Limits { max_payload_bytes: 64, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        f.create("alice", "incidents", patch());
+        let fits = Bytes::from(format!("<x xmlns='urn:test'>{}</x>", "a".repeat(64 - 24)));
+        assert_eq!(fits.len(), 64);
+        f.ok("alice", Request::Publish { node: n("incidents"), item_id: None, payload: fits, preconditions: patch() });
+        let big = Bytes::from(format!("<x xmlns='urn:test'>{}</x>", "a".repeat(64 - 23)));
+        let e = f.err("alice", Request::Publish { node: n("incidents"), item_id: None, payload: big, preconditions: patch() });
+        assert_eq!(e, PubsubError::PayloadTooBig { size: 65, limit: 64 });
+        assert_eq!(f.items("alice", items("incidents")).0.len(), 1);
+    }
+
+    #[test]
+    fn publish_model_publishers_admits_owners_publishers_and_publish_only() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("mallory", "incidents");
+        assert_eq!(f.err("mallory", publish("incidents", None, "x")), PubsubError::Forbidden);
+        f.affiliate("alice", "incidents", "bob", Affiliation::Member);
+        assert_eq!(f.err("bob", publish("incidents", None, "x")), PubsubError::Forbidden);
+        f.affiliate("alice", "incidents", "bob", Affiliation::Publisher);
+        f.publish("bob", "incidents", None);
+        f.affiliate("alice", "incidents", "carol", Affiliation::PublishOnly);
+        f.publish("carol", "incidents", None);
+        f.publish("", "incidents", None);
+    }
+
+    #[test]
+    fn publish_model_subscribers_admits_subscribed_platforms_only() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { publish_model: Some(PublishModel::Subscribers), ..patch() });
+        assert_eq!(f.err("bob", publish("incidents", None, "x")), PubsubError::Forbidden);
+        f.subscribe("bob", "incidents");
+        f.publish("bob", "incidents", None);
+    }
+
+    #[test]
+    fn publish_model_subscribers_does_not_admit_a_pending_subscription() {
+        let mut f = fx();
+        f.create(
+            "alice",
+            "incidents",
+            ConfigPatch { publish_model: Some(PublishModel::Subscribers), access_model: Some(AccessModel::Authorize), ..patch() },
+        );
+        assert_eq!(f.subscribe("bob", "incidents").state, SubState::Pending);
+        assert_eq!(f.err("bob", publish("incidents", None, "x")), PubsubError::Forbidden);
+    }
+
+    #[test]
+    fn publish_model_open_admits_anyone_but_outcasts() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { publish_model: Some(PublishModel::Open), ..patch() });
+        f.publish("bob", "incidents", None);
+        f.affiliate("alice", "incidents", "mallory", Affiliation::Outcast);
+        assert_eq!(f.err("mallory", publish("incidents", None, "x")), PubsubError::Forbidden);
+    }
+
+    #[test]
+    fn publish_to_a_missing_node_is_node_not_found() {
+        let mut f = fx();
+        assert_eq!(f.err("alice", publish("nope", None, "x")), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn publish_options_that_match_the_node_are_accepted() {
+        let limits = Limits { max_items_per_node: 500, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        f.create(
+            "alice",
+            "incidents",
+            ConfigPatch { access_model: Some(AccessModel::Whitelist), payload_type: Some("urn:t".into()), max_items: Some(u32::MAX), ..patch() },
+        );
+        let pre = ConfigPatch {
+            access_model: Some(AccessModel::Whitelist),
+            publish_model: Some(PublishModel::Publishers),
+            payload_type: Some("urn:t".into()),
+            // "max" means the service maximum, which the node has.
+            max_items: Some(u32::MAX),
+            persist_items: Some(true),
+            ..patch()
+        };
+        f.ok("alice", Request::Publish { node: n("incidents"), item_id: None, payload: payload("x"), preconditions: pre });
+        let pre = ConfigPatch { max_items: Some(500), ..patch() };
+        f.ok("alice", Request::Publish { node: n("incidents"), item_id: None, payload: payload("x"), preconditions: pre });
+    }
+
+    #[test]
+    fn publish_options_that_differ_fail_the_precondition_and_store_nothing() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { max_items: Some(10), ..patch() });
+        let cases = [
+            (ConfigPatch { access_model: Some(AccessModel::Whitelist), ..patch() }, "pubsub#access_model"),
+            (ConfigPatch { publish_model: Some(PublishModel::Open), ..patch() }, "pubsub#publish_model"),
+            (ConfigPatch { payload_type: Some("urn:other".into()), ..patch() }, "pubsub#type"),
+            (ConfigPatch { max_items: Some(u32::MAX), ..patch() }, "pubsub#max_items"),
+            (ConfigPatch { max_items: Some(9), ..patch() }, "pubsub#max_items"),
+            (ConfigPatch { title: Some("other".into()), ..patch() }, "pubsub#title"),
+            (ConfigPatch { send_last_published_item: Some(SendLast::OnSub), ..patch() }, "pubsub#send_last_published_item"),
+            (ConfigPatch { persist_items: Some(false), ..patch() }, "pubsub#persist_items"),
+        ];
+        for (pre, field) in cases {
+            let e = f.err("alice", Request::Publish { node: n("incidents"), item_id: None, payload: payload("x"), preconditions: pre });
+            assert_eq!(e, PubsubError::PreconditionNotMet(field.into()));
+        }
+        assert!(f.items("alice", items("incidents")).0.is_empty());
+    }
+
+    #[test]
+    fn publish_notifies_subscribed_but_not_pending_subscriptions() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: access(AccessModel::Authorize) });
+        assert_eq!(f.subscribe("carol", "incidents").state, SubState::Pending);
+        let o = f.ok("alice", publish("incidents", None, "x"));
+        assert_eq!(recipients(&o, "items"), vec!["bob@grid.test"]);
+    }
+
+    // ---- retract ----------------------------------------------------------
+
+    #[test]
+    fn owners_and_publishers_retract_any_item() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.affiliate("alice", "incidents", "bob", Affiliation::Publisher);
+        f.publish("alice", "incidents", Some("a"));
+        f.publish("bob", "incidents", Some("b"));
+        f.publish("alice", "incidents", Some("c"));
+        f.ok("bob", Request::Retract { node: n("incidents"), item_ids: vec!["a".into()], notify: false });
+        f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["b".into()], notify: false });
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["c"]);
+        assert_eq!(
+            f.err("alice", Request::Retract { node: n("incidents"), item_ids: vec!["a".into()], notify: false }),
+            PubsubError::ItemNotFound
+        );
+        assert_eq!(f.err("alice", Request::Retract { node: n("incidents"), item_ids: vec![], notify: false }), PubsubError::ItemRequired);
+    }
+
+    #[test]
+    fn publish_only_retracts_only_its_own_items_and_others_none() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.affiliate("alice", "incidents", "carol", Affiliation::PublishOnly);
+        f.publish("alice", "incidents", Some("a"));
+        f.publish("carol", "incidents", Some("c"));
+        let retract = |id: &str| Request::Retract { node: n("incidents"), item_ids: vec![id.into()], notify: false };
+        assert_eq!(f.err("carol", retract("a")), PubsubError::Forbidden);
+        // All or nothing: one foreign id refuses the whole request.
+        assert_eq!(
+            f.err("carol", Request::Retract { node: n("incidents"), item_ids: vec!["c".into(), "a".into()], notify: false }),
+            PubsubError::Forbidden
+        );
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["a", "c"]);
+        f.ok("carol", retract("c"));
+        f.subscribe("bob", "incidents");
+        assert_eq!(f.err("bob", retract("a")), PubsubError::Forbidden);
+        f.affiliate("alice", "incidents", "bob", Affiliation::Member);
+        assert_eq!(f.err("bob", retract("a")), PubsubError::Forbidden);
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["a"]);
+    }
+
+    #[test]
+    fn retract_notifies_when_asked_or_configured() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { notify_retract: Some(false), ..patch() });
+        f.subscribe("bob", "incidents");
+        for id in ["a", "b", "c"] {
+            f.publish("alice", "incidents", Some(id));
+        }
+        let o = f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["a".into()], notify: false });
+        assert!(o.deliveries.is_empty(), "{o:?}");
+        let o = f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["b".into()], notify: true });
+        assert_eq!(o.deliveries[0].event, Event::Retract { node: n("incidents"), item_ids: vec!["b".into()] });
+        assert_eq!(recipients(&o, "retract"), vec!["bob@grid.test"]);
+        f.ok("alice", Request::ConfigureSet { node: n("incidents"), config: ConfigPatch { notify_retract: Some(true), ..patch() } });
+        let o = f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["c".into()], notify: false });
+        assert_eq!(recipients(&o, "retract"), vec!["bob@grid.test"]);
+    }
+
+    // ---- subscribe and unsubscribe -----------------------------------------
+
+    #[test]
+    fn subscribe_with_a_bare_or_a_full_jid() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let bare = f.subscribe("bob", "incidents");
+        assert_eq!((bare.jid.as_str(), bare.state), ("bob@grid.test", SubState::Subscribed));
+        let full = match f.ok("bob", subscribe("incidents", "bob@grid.test/desk")).reply {
+            Reply::Subscription(s) => s,
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(full.jid, "bob@grid.test/desk");
+        assert_ne!(full.subid, bare.subid);
+        // Each address gets its own notification target.
+        let o = f.ok("alice", publish("incidents", None, "x"));
+        let mut to = recipients(&o, "items");
+        to.sort();
+        assert_eq!(to, vec!["bob@grid.test", "bob@grid.test/desk"]);
+        f.ok("bob", Request::Unsubscribe { node: n("incidents"), jid: jid("bob@grid.test/desk"), subid: None });
+        assert_eq!(f.my_subs("bob"), vec![bare]);
+    }
+
+    #[test]
+    fn subscribing_someone_elses_jid_is_invalid_jid() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        assert_eq!(f.err("bob", subscribe("incidents", "carol@grid.test")), PubsubError::InvalidJid);
+        assert_eq!(f.err("bob", subscribe("incidents", "carol@grid.test/r")), PubsubError::InvalidJid);
+        assert!(f.my_subs("carol").is_empty());
+        // The controller may subscribe a platform.
+        f.ok("", subscribe("incidents", "carol@grid.test"));
+        assert_eq!(f.my_subs("carol").len(), 1);
+    }
+
+    #[test]
+    fn subscribing_twice_returns_the_existing_subscription() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let first = f.subscribe("bob", "incidents");
+        let again = f.subscribe("bob", "incidents");
+        assert_eq!(first, again);
+        assert_eq!(f.my_subs("bob").len(), 1);
+    }
+
+    #[test]
+    fn unsubscribe_names_the_subscription_by_subid_when_needed() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let s = f.subscribe("bob", "incidents");
+        let unsub = |subid: Option<&str>| Request::Unsubscribe { node: n("incidents"), jid: jid("bob@grid.test"), subid: subid.map(str::to_owned) };
+        assert_eq!(f.err("bob", unsub(Some("wrong"))), PubsubError::InvalidSubid);
+        f.ok("bob", unsub(Some(&s.subid)));
+        assert!(f.my_subs("bob").is_empty());
+        assert_eq!(f.err("bob", unsub(None)), PubsubError::NotSubscribed);
+        assert_eq!(f.err("bob", Request::Unsubscribe { node: n("nope"), jid: jid("bob@grid.test"), subid: None }), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn unsubscribe_with_several_subscriptions_and_no_subid_is_subid_required() {
+        // The service keeps one subscription per address; two can only come from the store.
+        let mut store = MemStore::default();
+        let rec = NodeRecord {
+            id: n("incidents"),
+            config: default_config(AccessModel::Open),
+            creator: p("alice"),
+            created: 0,
+            affiliations: [(p("alice"), Affiliation::Owner)].into_iter().collect(),
+            next_seq: 1,
+        };
+        store.put_node(&rec).unwrap();
+        for subid in ["s1", "s2"] {
+            let sub = SubRecord {
+                node: n("incidents"),
+                jid: "bob@grid.test".into(),
+                subid: subid.into(),
+                state: SubState::Subscribed,
+                owner: p("bob"),
+                delivered: 0,
+            };
+            store.put_sub(&sub).unwrap();
+        }
+        let svc = Service::open(store, Arc::new(Table::default()), Limits::default(), AccessModel::Open).unwrap();
+        let mut f = Fx { svc, login: login(), now: T0 };
+        let unsub = |subid: Option<&str>| Request::Unsubscribe { node: n("incidents"), jid: jid("bob@grid.test"), subid: subid.map(str::to_owned) };
+        assert_eq!(f.err("bob", unsub(None)), PubsubError::SubidRequired);
+        f.ok("bob", unsub(Some("s2")));
+        f.ok("bob", unsub(None));
+        assert!(f.my_subs("bob").is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_someone_else_is_forbidden_except_for_owners() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        let unsub = Request::Unsubscribe { node: n("incidents"), jid: jid("bob@grid.test"), subid: None };
+        assert_eq!(f.err("carol", unsub.clone()), PubsubError::Forbidden);
+        f.ok("alice", unsub);
+        assert!(f.my_subs("bob").is_empty());
+    }
+
+    #[test]
+    fn subscriptions_per_platform_are_limited() {
+        let limits = Limits { max_subscriptions_per_platform: 2, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        for node in ["a", "b", "c"] {
+            f.create("alice", node, patch());
+        }
+        f.subscribe("bob", "a");
+        f.ok("bob", subscribe("b", "bob@grid.test/desk"));
+        let e = f.err("bob", subscribe("c", "bob@grid.test"));
+        assert!(matches!(e, PubsubError::LimitReached(_)), "{e:?}");
+        // Asking again for one it holds is not a new subscription.
+        f.subscribe("bob", "a");
+        f.subscribe("carol", "c");
+        f.ok("bob", Request::Unsubscribe { node: n("a"), jid: jid("bob@grid.test"), subid: None });
+        f.subscribe("bob", "c");
+    }
+
+    #[test]
+    fn options_show_the_subscription() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let s = f.subscribe("bob", "incidents");
+        let o = f.ok("bob", Request::OptionsGet { node: n("incidents"), jid: jid("bob@grid.test"), subid: None });
+        assert_eq!(o.reply, Reply::Subscription(s));
+        assert_eq!(
+            f.err("carol", Request::OptionsGet { node: n("incidents"), jid: jid("carol@grid.test"), subid: None }),
+            PubsubError::NotSubscribed
+        );
+    }
+
+    // ---- access models ------------------------------------------------------
+
+    #[test]
+    fn open_node_admits_any_subscriber_and_reader() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Open));
+        f.publish("alice", "incidents", Some("a"));
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["a"]);
+        assert_eq!(f.subscribe("bob", "incidents").state, SubState::Subscribed);
+    }
+
+    #[test]
+    fn authorize_makes_a_pending_subscription_and_asks_every_owner() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Authorize));
+        f.affiliate("alice", "incidents", "dave", Affiliation::Owner);
+        let o = f.ok("bob", subscribe("incidents", "bob@grid.test"));
+        let s = match &o.reply {
+            Reply::Subscription(s) => s.clone(),
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(s.state, SubState::Pending);
+        assert_eq!(o.deliveries.len(), 1);
+        assert_eq!(o.deliveries[0].event, Event::ApprovalRequest { node: n("incidents"), jid: "bob@grid.test".into(), subid: s.subid });
+        let mut to = recipients(&o, "approval");
+        to.sort();
+        assert_eq!(to, vec!["alice@grid.test", "dave@grid.test"]);
+        // Pending: no items, neither retrieved nor notified.
+        f.publish("alice", "incidents", Some("a"));
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::PendingSubscription);
+        assert!(f.svc.subscriptions_of(&p("bob")).is_empty());
+        // Members skip the approval.
+        f.affiliate("alice", "incidents", "carol", Affiliation::Member);
+        assert_eq!(f.subscribe("carol", "incidents").state, SubState::Subscribed);
+    }
+
+    #[test]
+    fn authorize_refuses_items_to_platforms_that_are_not_subscribed() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Authorize));
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::NotSubscribed);
+    }
+
+    #[test]
+    fn approving_a_pending_subscription_subscribes_it_and_tells_the_subscriber() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Authorize));
+        let s = f.subscribe("bob", "incidents");
+        f.publish("alice", "incidents", Some("before"));
+        let approve = |allow| Request::Approve { node: n("incidents"), jid: jid("bob@grid.test"), subid: None, allow };
+        assert_eq!(f.err("bob", approve(true)), PubsubError::Forbidden);
+        let o = f.ok("alice", approve(true));
+        assert_eq!(
+            o.deliveries[0].event,
+            Event::Subscription { node: n("incidents"), jid: "bob@grid.test".into(), subid: s.subid.clone(), state: Some(SubState::Subscribed) }
+        );
+        assert_eq!(recipients(&o, "subscription"), vec!["bob@grid.test"]);
+        assert_eq!(f.my_subs("bob")[0].state, SubState::Subscribed);
+        // Delivery starts after approval; retrieval is open to the subscriber.
+        assert_eq!(f.svc.subscriptions_of(&p("bob"))[0].delivered, 1);
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["before"]);
+        let o = f.ok("alice", publish("incidents", None, "x"));
+        assert_eq!(recipients(&o, "items"), vec!["bob@grid.test"]);
+        // Nothing is pending any more.
+        assert_eq!(f.err("alice", approve(true)), PubsubError::NotSubscribed);
+    }
+
+    #[test]
+    fn denying_a_pending_subscription_removes_it_and_tells_the_subscriber() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Authorize));
+        let s = f.subscribe("bob", "incidents");
+        let o = f.ok("alice", Request::Approve { node: n("incidents"), jid: jid("bob@grid.test"), subid: Some(s.subid.clone()), allow: false });
+        assert_eq!(o.deliveries[0].event, Event::Subscription { node: n("incidents"), jid: "bob@grid.test".into(), subid: s.subid, state: None });
+        assert!(f.my_subs("bob").is_empty());
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::NotSubscribed);
+    }
+
+    #[test]
+    fn whitelist_rejects_unaffiliated_subscriber() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Whitelist));
+        f.publish("alice", "incidents", Some("a"));
+        assert_eq!(f.err("bob", subscribe("incidents", "bob@grid.test")), PubsubError::ClosedNode);
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::ClosedNode);
+        assert!(f.my_subs("bob").is_empty());
+    }
+
+    #[test]
+    fn whitelist_admits_members_and_publishers() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Whitelist));
+        f.publish("alice", "incidents", Some("a"));
+        f.affiliate("alice", "incidents", "bob", Affiliation::Member);
+        f.affiliate("alice", "incidents", "carol", Affiliation::Publisher);
+        for who in ["bob", "carol"] {
+            assert_eq!(f.subscribe(who, "incidents").state, SubState::Subscribed);
+            assert_eq!(f.items(who, items("incidents")).0, vec!["a"]);
+        }
+    }
+
+    #[test]
+    fn outcasts_may_neither_subscribe_nor_retrieve_on_an_open_node() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Open));
+        f.affiliate("alice", "incidents", "mallory", Affiliation::Outcast);
+        assert_eq!(f.err("mallory", subscribe("incidents", "mallory@grid.test")), PubsubError::Outcast);
+        assert_eq!(f.err("mallory", items("incidents")), PubsubError::Outcast);
+    }
+
+    #[test]
+    fn publish_only_platforms_may_neither_subscribe_nor_retrieve() {
+        // XEP-0060 §4.1: publish-only may publish and retract its own items, nothing else.
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Open));
+        f.affiliate("alice", "incidents", "sensor", Affiliation::PublishOnly);
+        f.publish("sensor", "incidents", Some("a"));
+        assert_eq!(f.err("sensor", subscribe("incidents", "sensor@grid.test")), PubsubError::Forbidden);
+        assert_eq!(f.err("sensor", items("incidents")), PubsubError::Forbidden);
+    }
+
+    // ---- retrieve -----------------------------------------------------------
+
+    fn with_items(count: usize) -> Fx<MemStore> {
+        let limits = Limits { max_items_per_page: 5, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        f.create("alice", "incidents", patch());
+        for i in 1..=count {
+            f.publish("alice", "incidents", Some(&format!("i{i}")));
+        }
+        f
+    }
+
+    fn ids(r: std::ops::RangeInclusive<usize>) -> Vec<String> {
+        r.map(|i| format!("i{i}")).collect()
+    }
+
+    #[test]
+    fn items_returns_everything_in_publish_order() {
+        let mut f = with_items(4);
+        let (got, page) = f.items("bob", items("incidents"));
+        assert_eq!(got, ids(1..=4));
+        assert_eq!(page, None);
+        match f.ok("bob", items("incidents")).reply {
+            Reply::Items { node, items, .. } => {
+                assert_eq!(node, n("incidents"));
+                assert_eq!(items[0].payload, payload("i1"));
+                assert_eq!(items[0].publisher, p("alice"));
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn max_items_returns_the_newest_n_in_publish_order() {
+        let mut f = with_items(4);
+        let req = |m| Request::Items { node: n("incidents"), max_items: Some(m), item_ids: vec![], page: None };
+        assert_eq!(f.items("bob", req(2)).0, ids(3..=4));
+        assert_eq!(f.items("bob", req(10)).0, ids(1..=4));
+        assert_eq!(f.items("bob", req(1)).0, ids(4..=4));
+    }
+
+    #[test]
+    fn items_by_id_returns_those_items_and_unknown_ids_are_item_not_found() {
+        let mut f = with_items(4);
+        let req = |v: &[&str]| Request::Items { node: n("incidents"), max_items: None, item_ids: v.iter().map(|s| s.to_string()).collect(), page: None };
+        assert_eq!(f.items("bob", req(&["i3", "i1"])).0, vec!["i3", "i1"]);
+        assert_eq!(f.err("bob", req(&["i3", "nope"])), PubsubError::ItemNotFound);
+    }
+
+    #[test]
+    fn items_of_a_missing_node_is_node_not_found() {
+        let mut f = fx();
+        assert_eq!(f.err("bob", items("nope")), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn rsm_pages_forward_with_after() {
+        let mut f = with_items(7);
+        let (got, info) = f.items("bob", page("incidents", Some(3), None, None));
+        assert_eq!(got, ids(1..=3));
+        let info = info.unwrap();
+        assert_eq!((info.first.as_deref(), info.last.as_deref(), info.count), (Some("1"), Some("3"), 7));
+        let (got, info) = f.items("bob", page("incidents", Some(3), info.last.as_deref(), None));
+        assert_eq!(got, ids(4..=6));
+        let (got, info) = f.items("bob", page("incidents", Some(3), info.unwrap().last.as_deref(), None));
+        assert_eq!(got, ids(7..=7));
+        let (got, info) = f.items("bob", page("incidents", Some(3), info.unwrap().last.as_deref(), None));
+        assert!(got.is_empty());
+        let info = info.unwrap();
+        assert_eq!((info.first, info.last, info.count), (None, None, 7));
+    }
+
+    #[test]
+    fn rsm_pages_backward_with_before_and_the_last_page_with_an_empty_before() {
+        let mut f = with_items(7);
+        let (got, info) = f.items("bob", page("incidents", Some(3), None, Some("")));
+        assert_eq!(got, ids(5..=7));
+        let (got, info) = f.items("bob", page("incidents", Some(3), None, info.unwrap().first.as_deref()));
+        assert_eq!(got, ids(2..=4));
+        let (got, _) = f.items("bob", page("incidents", Some(3), None, info.unwrap().first.as_deref()));
+        assert_eq!(got, ids(1..=1));
+    }
+
+    #[test]
+    fn rsm_max_zero_gives_only_the_count() {
+        let mut f = with_items(3);
+        let (got, info) = f.items("bob", page("incidents", Some(0), None, None));
+        assert!(got.is_empty());
+        assert_eq!(info.unwrap().count, 3);
+    }
+
+    #[test]
+    fn rsm_cursors_stay_stable_while_items_arrive_and_go() {
+        let mut f = with_items(4);
+        let (got, info) = f.items("bob", page("incidents", Some(2), None, None));
+        assert_eq!(got, ids(1..=2));
+        let cursor = info.unwrap().last;
+        // New items, a retraction before the cursor and one after it.
+        f.publish("alice", "incidents", Some("i5"));
+        f.publish("alice", "incidents", Some("i6"));
+        f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["i1".into(), "i3".into()], notify: false });
+        let (got, info) = f.items("bob", page("incidents", Some(2), cursor.as_deref(), None));
+        assert_eq!(got, vec!["i4", "i5"]);
+        let (got, _) = f.items("bob", page("incidents", Some(2), info.unwrap().last.as_deref(), None));
+        assert_eq!(got, vec!["i6"]);
+    }
+
+    #[test]
+    fn pages_are_capped_at_max_items_per_page() {
+        let mut f = with_items(12);
+        // No paging asked: the newest page, with RSM data to page back.
+        let (got, info) = f.items("bob", items("incidents"));
+        assert_eq!(got, ids(8..=12));
+        let info = info.expect("a truncated reply says so");
+        assert_eq!((info.first.as_deref(), info.count), (Some("8"), 12));
+        let (got, _) = f.items("bob", page("incidents", None, None, info.first.as_deref()));
+        assert_eq!(got, ids(3..=7));
+        let (got, _) = f.items("bob", page("incidents", Some(1000), None, None));
+        assert_eq!(got, ids(1..=5));
+        let (got, _) = f.items("bob", Request::Items { node: n("incidents"), max_items: Some(1000), item_ids: vec![], page: None });
+        assert_eq!(got, ids(8..=12));
+    }
+
+    #[test]
+    fn a_malformed_rsm_cursor_is_refused() {
+        let mut f = with_items(2);
+        assert!(f.run("bob", page("incidents", Some(1), Some("x"), None)).is_err());
+    }
+
+    // ---- own subscriptions and affiliations --------------------------------
+
+    #[test]
+    fn platforms_list_only_their_own_subscriptions_and_affiliations() {
+        let mut f = fx();
+        f.create("alice", "a", patch());
+        f.create("alice", "b", patch());
+        f.create("carol", "c", patch());
+        let sa = f.subscribe("bob", "a");
+        let sb = f.subscribe("bob", "b");
+        f.subscribe("carol", "a");
+        let mut mine = f.my_subs("bob");
+        mine.sort_by(|x, y| x.node.cmp(&y.node));
+        assert_eq!(mine, vec![sa.clone(), sb]);
+        match f.ok("bob", Request::Subscriptions { node: Some(n("a")) }).reply {
+            Reply::Subscriptions { node, subs } => assert_eq!((node, subs), (Some(n("a")), vec![sa])),
+            r => panic!("{r:?}"),
+        }
+        f.affiliate("carol", "c", "bob", Affiliation::Publisher);
+        let affs = |f: &mut Fx<MemStore>, who: &str, node: Option<&str>| match f.ok(who, Request::Affiliations { node: node.map(n) }).reply {
+            Reply::Affiliations { affs, .. } => affs,
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(
+            affs(&mut f, "alice", None),
+            vec![(n("a"), p("alice"), Affiliation::Owner), (n("b"), p("alice"), Affiliation::Owner)]
+        );
+        assert_eq!(affs(&mut f, "alice", Some("b")), vec![(n("b"), p("alice"), Affiliation::Owner)]);
+        assert_eq!(affs(&mut f, "bob", None), vec![(n("c"), p("bob"), Affiliation::Publisher)]);
+        assert!(affs(&mut f, "dave", None).is_empty());
+    }
+
+    // ---- owner management -------------------------------------------------
+
+    #[test]
+    fn owners_list_and_change_subscriptions() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        assert_eq!(f.err("bob", Request::OwnerSubscriptions { node: n("incidents") }), PubsubError::Forbidden);
+        // Subscribe carol, make bob pending.
+        let o = f.ok(
+            "alice",
+            Request::OwnerSubscriptionsSet {
+                node: n("incidents"),
+                changes: vec![(jid("carol@grid.test"), Some(SubState::Subscribed)), (jid("bob@grid.test"), Some(SubState::Pending))],
+            },
+        );
+        let mut told = recipients(&o, "subscription");
+        told.sort();
+        assert_eq!(told, vec!["bob@grid.test", "carol@grid.test"]);
+        let list = match f.ok("alice", Request::OwnerSubscriptions { node: n("incidents") }).reply {
+            Reply::Subscriptions { subs, .. } => subs,
+            r => panic!("{r:?}"),
+        };
+        let mut states: Vec<(String, SubState)> = list.into_iter().map(|s| (s.jid, s.state)).collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(states, vec![("bob@grid.test".into(), SubState::Pending), ("carol@grid.test".into(), SubState::Subscribed)]);
+        // Removing one tells it.
+        let o = f.ok("alice", Request::OwnerSubscriptionsSet { node: n("incidents"), changes: vec![(jid("carol@grid.test"), None)] });
+        assert!(matches!(&o.deliveries[0].event, Event::Subscription { state: None, jid, .. } if jid == "carol@grid.test"));
+        assert!(f.my_subs("carol").is_empty());
+    }
+
+    #[test]
+    fn owners_set_affiliations_and_outcasts_lose_their_subscriptions() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        f.ok("bob", subscribe("incidents", "bob@grid.test/desk"));
+        assert_eq!(
+            f.err("bob", Request::OwnerAffiliationsSet { node: n("incidents"), changes: vec![(p("bob"), Affiliation::Owner)] }),
+            PubsubError::Forbidden
+        );
+        f.affiliate("alice", "incidents", "bob", Affiliation::Outcast);
+        assert!(f.my_subs("bob").is_empty());
+        assert!(f.svc.subscriptions_of(&p("bob")).is_empty());
+        assert_eq!(f.err("bob", subscribe("incidents", "bob@grid.test")), PubsubError::Outcast);
+        // "none" removes the affiliation.
+        f.affiliate("alice", "incidents", "bob", Affiliation::None);
+        match f.ok("alice", Request::OwnerAffiliations { node: n("incidents") }).reply {
+            Reply::Affiliations { affs, .. } => assert_eq!(affs, vec![(n("incidents"), p("alice"), Affiliation::Owner)]),
+            r => panic!("{r:?}"),
+        }
+        f.subscribe("bob", "incidents");
+    }
+
+    #[test]
+    fn the_last_owner_cannot_be_removed() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        for a in [Affiliation::None, Affiliation::Publisher, Affiliation::Outcast] {
+            let e = f.err("alice", Request::OwnerAffiliationsSet { node: n("incidents"), changes: vec![(p("alice"), a)] });
+            assert!(matches!(e, PubsubError::BadConfig(_)), "{e:?}");
+        }
+        // With a second owner, the first may step down.
+        f.affiliate("alice", "incidents", "dave", Affiliation::Owner);
+        f.affiliate("alice", "incidents", "alice", Affiliation::Publisher);
+        assert_eq!(f.err("alice", Request::Delete { node: n("incidents") }), PubsubError::Forbidden);
+        f.ok("dave", Request::Delete { node: n("incidents") });
+    }
+
+    // ---- send_last_published_item -------------------------------------------
+
+    #[test]
+    fn on_sub_sends_the_newest_item_to_a_new_subscriber_only() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { send_last_published_item: Some(SendLast::OnSub), ..patch() });
+        // Nothing published yet: nothing to send.
+        assert!(f.ok("carol", subscribe("incidents", "carol@grid.test")).deliveries.is_empty());
+        f.publish("alice", "incidents", Some("a"));
+        f.publish("alice", "incidents", Some("b"));
+        let o = f.ok("bob", subscribe("incidents", "bob@grid.test"));
+        let s = f.my_subs("bob")[0].clone();
+        match &o.deliveries[..] {
+            [Delivery { event: Event::Items { items, .. }, to }] => {
+                assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), vec!["b"]);
+                assert_eq!(to, &vec![Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(s.subid) }]);
+            }
+            d => panic!("{d:?}"),
+        }
+        // The cursor is at the head: the last item is a courtesy, not a delivery.
+        assert_eq!(f.svc.subscriptions_of(&p("bob"))[0].delivered, 2);
+        // Asking again sends nothing new.
+        assert!(f.ok("bob", subscribe("incidents", "bob@grid.test")).deliveries.is_empty());
+    }
+
+    #[test]
+    fn never_sends_nothing_on_subscribe() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.publish("alice", "incidents", Some("a"));
+        assert!(f.ok("bob", subscribe("incidents", "bob@grid.test")).deliveries.is_empty());
+    }
+
+    #[test]
+    fn on_sub_waits_for_approval_on_authorize_nodes() {
+        let mut f = fx();
+        f.create(
+            "alice",
+            "incidents",
+            ConfigPatch { send_last_published_item: Some(SendLast::OnSub), access_model: Some(AccessModel::Authorize), ..patch() },
+        );
+        f.publish("alice", "incidents", Some("a"));
+        let o = f.ok("bob", subscribe("incidents", "bob@grid.test"));
+        assert!(recipients(&o, "items").is_empty(), "{o:?}");
+    }
+
+    // ---- retention --------------------------------------------------------
+
+    #[test]
+    fn max_items_drops_the_oldest_on_publish() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { max_items: Some(3), ..patch() });
+        for i in 1..=5 {
+            f.publish("alice", "incidents", Some(&format!("i{i}")));
+        }
+        assert_eq!(f.items("bob", items("incidents")).0, ids(3..=5));
+        let kept: Vec<u64> = f.svc.items_between(&n("incidents"), 0, u64::MAX, 100).unwrap().iter().map(|i| i.seq).collect();
+        assert_eq!(kept, vec![3, 4, 5]);
+        // A dropped id can be published again as a new item.
+        f.publish("alice", "incidents", Some("i1"));
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["i4", "i5", "i1"]);
+    }
+
+    #[test]
+    fn expire_drops_items_older_than_item_expire() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { item_expire_secs: Some(60), ..patch() });
+        f.create("alice", "keep", patch());
+        f.publish("alice", "incidents", Some("old"));
+        f.publish("alice", "keep", Some("old"));
+        f.now += 30_000;
+        f.publish("alice", "incidents", Some("new"));
+        // 60 s after "old": it goes, "new" (30 s old) stays; nodes without expiry keep everything.
+        f.svc.expire(f.now + 30_000).unwrap();
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["new"]);
+        assert_eq!(f.items("bob", items("keep")).0, vec!["old"]);
+        f.svc.expire(f.now + 61_000).unwrap();
+        assert!(f.items("bob", items("incidents")).0.is_empty());
+        assert_eq!(f.items("bob", items("keep")).0, vec!["old"]);
+    }
+
+    #[test]
+    fn publishing_also_drops_expired_items() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { item_expire_secs: Some(1), ..patch() });
+        f.publish("alice", "incidents", Some("old"));
+        f.now += 5_000;
+        f.publish("alice", "incidents", Some("new"));
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["new"]);
+    }
+
+    // ---- the authorizer ---------------------------------------------------
+
+    fn deny(rules: &[(&str, Action, &str)]) -> Fx<MemStore> {
+        let table = Table(rules.iter().map(|(p, a, t)| (format!("{p}@grid.test"), *a, t.to_string())).collect());
+        fx_with(Limits::default(), table, AccessModel::Open)
+    }
+
+    #[test]
+    fn a_denied_action_on_a_visible_node_is_forbidden() {
+        let mut f = deny(&[
+            ("bob", Action::Publish, "incidents"),
+            ("bob", Action::Subscribe, "incidents"),
+            ("bob", Action::Retrieve, "incidents"),
+            ("bob", Action::Create, "new"),
+            ("alice", Action::Retract, "incidents"),
+            ("alice", Action::Purge, "incidents"),
+            ("alice", Action::Configure, "incidents"),
+            ("alice", Action::Delete, "incidents"),
+            ("alice", Action::ManageSubscriptions, "incidents"),
+        ]);
+        f.create("alice", "incidents", ConfigPatch { publish_model: Some(PublishModel::Open), ..patch() });
+        f.publish("alice", "incidents", Some("a"));
+        assert_eq!(f.err("bob", publish("incidents", None, "x")), PubsubError::Forbidden);
+        assert_eq!(f.err("bob", subscribe("incidents", "bob@grid.test")), PubsubError::Forbidden);
+        assert_eq!(f.err("bob", items("incidents")), PubsubError::Forbidden);
+        assert_eq!(f.err("bob", Request::Create { node: Some(n("new")), config: patch() }), PubsubError::Forbidden);
+        // Affiliations do not override a denial, not even the owner's.
+        let node = || n("incidents");
+        assert_eq!(f.err("alice", Request::Retract { node: node(), item_ids: vec!["a".into()], notify: false }), PubsubError::Forbidden);
+        assert_eq!(f.err("alice", Request::Purge { node: node() }), PubsubError::Forbidden);
+        assert_eq!(f.err("alice", Request::ConfigureGet { node: node() }), PubsubError::Forbidden);
+        assert_eq!(f.err("alice", Request::Delete { node: node() }), PubsubError::Forbidden);
+        assert_eq!(f.err("alice", Request::OwnerSubscriptions { node: node() }), PubsubError::Forbidden);
+        assert_eq!(f.items("alice", items("incidents")).0, vec!["a"]);
+        // The controller is not a platform and is never asked.
+        f.publish("", "incidents", Some("c"));
+    }
+
+    #[test]
+    fn a_platform_that_may_not_discover_a_node_is_told_it_does_not_exist() {
+        let mut f = deny(&[
+            ("bob", Action::Discover, "secret"),
+            ("bob", Action::Publish, "secret"),
+            ("bob", Action::Subscribe, "secret"),
+            ("bob", Action::Retrieve, "secret"),
+            ("bob", Action::Delete, "secret"),
+        ]);
+        f.create("alice", "secret", ConfigPatch { publish_model: Some(PublishModel::Open), ..patch() });
+        f.create("alice", "public", patch());
+        assert_eq!(f.err("bob", publish("secret", None, "x")), PubsubError::NodeNotFound);
+        assert_eq!(f.err("bob", subscribe("secret", "bob@grid.test")), PubsubError::NodeNotFound);
+        assert_eq!(f.err("bob", items("secret")), PubsubError::NodeNotFound);
+        assert_eq!(f.err("bob", Request::Delete { node: n("secret") }), PubsubError::NodeNotFound);
+        assert_eq!(f.err("bob", Request::DiscoInfo { node: Some(n("secret")) }), PubsubError::NodeNotFound);
+        assert_eq!(f.err("bob", Request::DiscoItems { node: Some(n("secret")), page: None }), PubsubError::NodeNotFound);
+        match f.ok("bob", Request::DiscoItems { node: None, page: None }).reply {
+            Reply::NodeList { nodes, .. } => assert_eq!(nodes, vec![(n("public"), String::new())]),
+            r => panic!("{r:?}"),
+        }
+        match f.ok("alice", Request::DiscoItems { node: None, page: None }).reply {
+            Reply::NodeList { nodes, .. } => assert_eq!(nodes.len(), 2),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    // ---- discovery ----------------------------------------------------------
+
+    #[test]
+    fn disco_info_of_a_node_gives_its_metadata() {
+        let mut f = fx();
+        f.create("alice", "incidents", ConfigPatch { title: Some("Incidents".into()), payload_type: Some("urn:t".into()), ..patch() });
+        f.subscribe("bob", "incidents");
+        match f.ok("carol", Request::DiscoInfo { node: Some(n("incidents")) }).reply {
+            Reply::NodeInfo(i) => {
+                assert_eq!(i.id, n("incidents"));
+                assert_eq!((i.config.title.as_str(), i.config.payload_type.as_str()), ("Incidents", "urn:t"));
+                assert_eq!((i.owners, i.creator, i.created, i.num_subscribers), (vec![p("alice")], p("alice"), (T0 + 1) / 1000, 1));
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(f.ok("carol", Request::DiscoInfo { node: None }).reply, Reply::ServiceInfo);
+        assert_eq!(f.err("carol", Request::DiscoInfo { node: Some(n("nope")) }), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn disco_items_pages_by_node_name() {
+        let limits = Limits { max_items_per_page: 3, ..Limits::default() };
+        let mut f = fx_with(limits, Table::default(), AccessModel::Open);
+        for node in ["e", "a", "d", "b", "c"] {
+            f.create("", node, ConfigPatch { title: Some(format!("T{node}")), ..patch() });
+        }
+        let list = |f: &mut Fx<MemStore>, page: Option<Page>| match f.ok("bob", Request::DiscoItems { node: None, page }).reply {
+            Reply::NodeList { nodes, page } => (nodes.into_iter().map(|(id, _)| id.0).collect::<Vec<_>>(), page),
+            r => panic!("{r:?}"),
+        };
+        let (all, none) = list(&mut f, None);
+        assert_eq!((all, none), (vec!["a", "b", "c", "d", "e"].into_iter().map(String::from).collect(), None));
+        let (first, info) = list(&mut f, Some(Page { max: Some(2), ..Page::default() }));
+        assert_eq!(first, vec!["a", "b"]);
+        let info = info.unwrap();
+        assert_eq!((info.first.as_deref(), info.last.as_deref(), info.count), (Some("a"), Some("b"), 5));
+        let (next, _) = list(&mut f, Some(Page { max: Some(2), after: info.last, before: None }));
+        assert_eq!(next, vec!["c", "d"]);
+        let (last, _) = list(&mut f, Some(Page { max: Some(2), after: None, before: Some(String::new()) }));
+        assert_eq!(last, vec!["d", "e"]);
+        let (before, _) = list(&mut f, Some(Page { max: Some(2), after: None, before: Some("d".into()) }));
+        assert_eq!(before, vec!["b", "c"]);
+        // The page cap applies here too.
+        let (capped, _) = list(&mut f, Some(Page { max: Some(100), ..Page::default() }));
+        assert_eq!(capped, vec!["a", "b", "c"]);
+        // A title is the node's name.
+        match f.ok("bob", Request::DiscoItems { node: None, page: Some(Page { max: Some(1), ..Page::default() }) }).reply {
+            Reply::NodeList { nodes, .. } => assert_eq!(nodes, vec![(n("a"), "Ta".into())]),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    // ---- delivery support -------------------------------------------------
+
+    #[test]
+    fn items_between_returns_retained_items_in_a_seq_range_up_to_a_limit() {
+        let mut f = with_items(6);
+        f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["i3".into()], notify: false });
+        let seqs = |v: Vec<Item>| v.into_iter().map(|i| i.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(f.svc.items_between(&n("incidents"), 1, 5, 10).unwrap()), vec![2, 4, 5]);
+        assert_eq!(seqs(f.svc.items_between(&n("incidents"), 1, 6, 2).unwrap()), vec![2, 4]);
+        assert_eq!(seqs(f.svc.items_between(&n("incidents"), 6, 100, 10).unwrap()), Vec::<u64>::new());
+        assert_eq!(seqs(f.svc.items_between(&n("nope"), 0, 100, 10).unwrap()), Vec::<u64>::new());
+        let it = &f.svc.items_between(&n("incidents"), 0, 1, 10).unwrap()[0];
+        assert_eq!((it.id.as_str(), it.payload.clone()), ("i1", payload("i1")));
+    }
+
+    #[test]
+    fn set_delivered_only_moves_forward() {
+        let mut f = with_items(3);
+        let s = f.subscribe("bob", "incidents");
+        assert_eq!(f.svc.subscription(&s.subid).unwrap().delivered, 3);
+        f.publish("alice", "incidents", None);
+        f.publish("alice", "incidents", None);
+        f.svc.set_delivered(&s.subid, 5).unwrap();
+        f.svc.set_delivered(&s.subid, 4).unwrap();
+        assert_eq!(f.svc.subscription(&s.subid).unwrap().delivered, 5);
+        assert_eq!(f.svc.subscriptions_of(&p("bob"))[0].delivered, 5);
+        // Unknown subscriptions are ignored.
+        f.svc.set_delivered("nope", 9).unwrap();
+    }
+
+    #[test]
+    fn only_mutations_wait_for_durability() {
+        type S = Service<MemStore>;
+        assert!(S::is_mutation(&publish("a", None, "x")));
+        assert!(S::is_mutation(&subscribe("a", "b@grid.test")));
+        assert!(S::is_mutation(&Request::Approve { node: n("a"), jid: jid("b@grid.test"), subid: None, allow: true }));
+        assert!(!S::is_mutation(&items("a")));
+        assert!(!S::is_mutation(&Request::DiscoItems { node: None, page: None }));
+    }
+
+    // ---- restart ------------------------------------------------------------
+
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let d = std::env::temp_dir().join(format!("xg-svc-{name}-{}-{k}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A service on a sled store in `dir`; its Db closes when the service is dropped.
+    fn sled_fx(dir: &TempDir) -> Fx<SledStore> {
+        let db = sled::open(&dir.0).unwrap();
+        let store = SledStore::new(&db).unwrap();
+        let svc = Service::open(store, Arc::new(Table::default()), Limits::default(), AccessModel::Open).unwrap();
+        Fx { svc, login: login(), now: T0 }
+    }
+
+    /// Flushes (as the broker does before acknowledging) and reopens.
+    fn restart(f: Fx<SledStore>, dir: &TempDir) -> Fx<SledStore> {
+        (f.svc.flusher())().unwrap();
+        let now = f.now;
+        drop(f);
+        let mut g = sled_fx(dir);
+        g.now = now;
+        g
+    }
+
+    #[test]
+    fn restart_keeps_nodes_items_subscriptions_affiliations_and_cursors() {
+        let dir = TempDir::new("keeps");
+        let mut f = sled_fx(&dir);
+        f.create("alice", "incidents", ConfigPatch { title: Some("Incidents".into()), access_model: Some(AccessModel::Authorize), ..patch() });
+        f.affiliate("alice", "incidents", "bob", Affiliation::Member);
+        let bob = f.subscribe("bob", "incidents");
+        let carol = f.subscribe("carol", "incidents");
+        assert_eq!(carol.state, SubState::Pending);
+        for id in ["a", "b", "c"] {
+            f.publish("alice", "incidents", Some(id));
+        }
+        f.svc.set_delivered(&bob.subid, 2).unwrap();
+        let mut f = restart(f, &dir);
+        assert_eq!(f.config("incidents").title, "Incidents");
+        assert_eq!(f.items("bob", items("incidents")).0, vec!["a", "b", "c"]);
+        let mut subs = match f.ok("alice", Request::OwnerSubscriptions { node: n("incidents") }).reply {
+            Reply::Subscriptions { subs, .. } => subs,
+            r => panic!("{r:?}"),
+        };
+        subs.sort_by(|a, b| a.jid.cmp(&b.jid));
+        assert_eq!(subs, vec![bob.clone(), carol]);
+        assert_eq!(f.svc.subscription(&bob.subid).unwrap().delivered, 2);
+        assert_eq!(f.svc.items_between(&n("incidents"), 2, u64::MAX, 10).unwrap()[0].id, "c");
+        // Publishing carries on after the old seqs and still reaches bob.
+        let o = f.ok("alice", publish("incidents", Some("d"), "d"));
+        assert_eq!(recipients(&o, "items"), vec!["bob@grid.test"]);
+        assert_eq!(f.svc.head(&n("incidents")), 4);
+        // The pending request can still be answered.
+        f.ok("alice", Request::Approve { node: n("incidents"), jid: jid("carol@grid.test"), subid: None, allow: true });
+    }
+
+    #[test]
+    fn restart_after_purge_does_not_reuse_seqs() {
+        let dir = TempDir::new("purge");
+        let mut f = sled_fx(&dir);
+        f.create("alice", "incidents", patch());
+        for _ in 0..3 {
+            f.publish("alice", "incidents", None);
+        }
+        f.ok("alice", Request::Purge { node: n("incidents") });
+        let mut f = restart(f, &dir);
+        assert_eq!(f.svc.head(&n("incidents")), 3);
+        f.publish("alice", "incidents", Some("x"));
+        assert_eq!(f.svc.items_between(&n("incidents"), 0, u64::MAX, 10).unwrap()[0].seq, 4);
+    }
+
+    #[test]
+    fn restart_after_retracting_every_item_does_not_reuse_seqs() {
+        let dir = TempDir::new("retract");
+        let mut f = sled_fx(&dir);
+        f.create("alice", "incidents", patch());
+        f.publish("alice", "incidents", Some("a"));
+        f.publish("alice", "incidents", Some("b"));
+        f.ok("alice", Request::Retract { node: n("incidents"), item_ids: vec!["a".into(), "b".into()], notify: false });
+        let mut f = restart(f, &dir);
+        assert_eq!(f.svc.head(&n("incidents")), 2);
+        f.publish("alice", "incidents", Some("c"));
+        assert_eq!(f.svc.items_between(&n("incidents"), 0, u64::MAX, 10).unwrap()[0].seq, 3);
+    }
+
+    #[test]
+    fn restart_after_every_item_expired_does_not_reuse_seqs() {
+        let dir = TempDir::new("expire");
+        let mut f = sled_fx(&dir);
+        f.create("alice", "incidents", ConfigPatch { item_expire_secs: Some(1), ..patch() });
+        f.publish("alice", "incidents", Some("a"));
+        f.svc.expire(f.now + 10_000).unwrap();
+        let f = restart(f, &dir);
+        assert_eq!(f.svc.head(&n("incidents")), 1);
+    }
+
+    #[test]
+    fn restart_forgets_deleted_nodes_and_their_subscriptions() {
+        let dir = TempDir::new("deleted");
+        let mut f = sled_fx(&dir);
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        f.publish("alice", "incidents", Some("a"));
+        f.ok("alice", Request::Delete { node: n("incidents") });
+        let mut f = restart(f, &dir);
+        assert_eq!(f.err("alice", items("incidents")), PubsubError::NodeNotFound);
+        assert!(f.svc.subscriptions_of(&p("bob")).is_empty());
+        f.create("alice", "incidents", patch());
+        assert!(f.items("alice", items("incidents")).0.is_empty());
+    }
 }

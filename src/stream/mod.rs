@@ -149,13 +149,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
     }
 
     /// Writes everything queued.
+    /// Writes everything queued. Cancel-safe: bytes leave `out` only once the
+    /// transport took them, so a write interrupted by a close request resumes
+    /// where it stopped (never sends a stanza twice, never half of one).
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
-            self.out.clear();
-            if self.out.capacity() > OUT_KEEP {
-                self.out = Vec::new();
+        while !self.out.is_empty() {
+            let n = self.io.write(&self.out).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
             }
+            self.out.drain(..n);
+        }
+        if self.out.capacity() > OUT_KEEP {
+            self.out = Vec::new();
         }
         self.io.flush().await?;
         Ok(())

@@ -289,3 +289,22 @@ pub async fn login_at(addr: std::net::SocketAddr, ca: &std::path::Path, user: &s
     t.read_until(">").await;
     bind(t, resource).await
 }
+
+/// `start_with` on the directory of a controller that was just shut down and
+/// dropped: its broker task lets go of the database only once it notices the
+/// last handle is gone, so wait (bounded) until sled can open it, then start.
+pub async fn start_again(cfg: Config, dir: PathBuf) -> TestGrid {
+    let db = cfg.db_dir();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let path = db.clone();
+        match tokio::task::spawn_blocking(move || sled::open(&path).map(drop)).await.unwrap() {
+            Ok(()) => return start_with(cfg, dir).await,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the previous controller still holds {}: {e}", db.display()),
+        }
+    }
+}
