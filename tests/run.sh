@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages for the interop tests.
-pkgs=(python3-slixmpp python3-aioxmpp go-sendxmpp xmppc openssl)
+pkgs=(python3-slixmpp python3-aioxmpp go-sendxmpp xmppc openssl libxml2-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

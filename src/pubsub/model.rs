@@ -322,6 +322,8 @@ pub enum Reply {
     ServiceInfo,
     NodeInfo(NodeInfo),
     NodeList { nodes: Vec<(NodeId, String)>, page: Option<PageInfo> },
+    /// disco#items on a topic: its item ids (XEP-0060 §5.5).
+    ItemIds { node: NodeId, ids: Vec<String> },
 }
 
 /// What subscribers are told (XEP-0060 §7, §8).

@@ -761,6 +761,14 @@ pub fn render_reply(reply: &Reply, request: &Request, broker: &str) -> Option<El
             }
             q
         }
+        // §5.5: items as `<item jid=BROKER name=ITEM-ID/>`.
+        Reply::ItemIds { node, ids } => {
+            let mut q = Element::new("query", ns::DISCO_ITEMS).with_attr("node", &node.0);
+            for id in ids {
+                q.push(Element::new("item", ns::DISCO_ITEMS).with_attr("jid", broker).with_attr("name", id));
+            }
+            q
+        }
     })
 }
 

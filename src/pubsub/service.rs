@@ -269,10 +269,12 @@ impl<S: BrokerStore> Service<S> {
                 })))
             }
             Request::DiscoItems { node: Some(node), .. } => {
-                // Leaf nodes have no children; their items are not listed here.
-                self.node(&node)?;
-                self.ask(ctx, Action::Discover, &node).map_err(|_| PubsubError::NodeNotFound)?;
-                Ok(Outcome::reply(Reply::NodeList { nodes: Vec::new(), page: None }))
+                // XEP-0060 §5.5: a leaf node lists its item ids, to those who may read them.
+                let n = self.node(&node)?;
+                self.ask_visible(ctx, Action::Retrieve, &node)?;
+                self.may_read(ctx, n)?;
+                let ids = n.items.iter().map(|m| m.id.clone()).collect();
+                Ok(Outcome::reply(Reply::ItemIds { node, ids }))
             }
             Request::DiscoItems { node: None, page } => self.list_nodes(ctx, page),
         }
@@ -2329,6 +2331,23 @@ mod tests {
         }
         assert_eq!(f.ok("carol", Request::DiscoInfo { node: None }).reply, Reply::ServiceInfo);
         assert_eq!(f.err("carol", Request::DiscoInfo { node: Some(n("nope")) }), PubsubError::NodeNotFound);
+    }
+
+    #[test]
+    fn disco_items_on_a_topic_lists_its_item_ids_to_readers_only() {
+        let mut f = fx();
+        f.create("alice", "open", access(AccessModel::Open));
+        f.create("alice", "closed", access(AccessModel::Whitelist));
+        f.publish("alice", "open", Some("one"));
+        f.publish("alice", "open", Some("two"));
+        f.publish("alice", "closed", Some("secret"));
+        let ids = |f: &mut Fx<MemStore>, who: &str, node: &str| match f.ok(who, Request::DiscoItems { node: Some(n(node)), page: None }).reply {
+            Reply::ItemIds { ids, .. } => ids,
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(ids(&mut f, "bob", "open"), vec!["one", "two"]);
+        assert_eq!(ids(&mut f, "alice", "closed"), vec!["secret"]);
+        assert_eq!(f.err("bob", Request::DiscoItems { node: Some(n("closed")), page: None }), PubsubError::ClosedNode);
     }
 
     #[test]
