@@ -54,13 +54,24 @@ pub struct Context {
     pub source: IpAddr,
 }
 
+/// The Topic a broker action is about, as the broker knows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Topic<'a> {
+    /// The node name.
+    pub name: &'a str,
+    /// `pubsub#type`: the payload namespace ("" if not set).
+    pub payload_type: &'a str,
+    /// The platform that created it (for a topic being created: the principal).
+    pub owner: Option<&'a BareJid>,
+}
+
 /// One question to the authorizer.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub principal: &'a BareJid,
     pub action: Action,
     /// The Topic acted on (broker actions); None for controller actions.
-    pub topic: Option<&'a str>,
+    pub topic: Option<Topic<'a>>,
     pub context: &'a Context,
 }
 

@@ -282,12 +282,21 @@ impl<S: BrokerStore> Service<S> {
 
     // ---- access ---------------------------------------------------------
 
-    /// Asks the authorizer; the controller itself is always allowed.
+    /// Asks the authorizer about an existing topic (or one about to be created, with
+    /// the payload type it asks for); the controller itself is always allowed.
     fn ask(&self, ctx: &Ctx, action: Action, node: &NodeId) -> Result<(), PubsubError> {
+        let (payload_type, owner) = match self.nodes.get(node) {
+            Some(n) => (n.rec.config.payload_type.as_str(), Some(&n.rec.creator)),
+            None => ("", ctx.actor.platform()),
+        };
+        self.ask_about(ctx, action, authz::Topic { name: &node.0, payload_type, owner })
+    }
+
+    fn ask_about(&self, ctx: &Ctx, action: Action, topic: authz::Topic) -> Result<(), PubsubError> {
         let (Actor::Platform(who), Some(login)) = (&ctx.actor, ctx.login) else {
             return Ok(());
         };
-        let d = self.authz.authorize(&authz::Request { principal: who, action, topic: Some(&node.0), context: login });
+        let d = self.authz.authorize(&authz::Request { principal: who, action, topic: Some(topic), context: login });
         if d.allowed { Ok(()) } else { Err(PubsubError::Forbidden) }
     }
 
@@ -358,7 +367,8 @@ impl<S: BrokerStore> Service<S> {
         if node.0.is_empty() {
             return Err(PubsubError::NodeIdRequired);
         }
-        self.ask(ctx, Action::Create, &node)?;
+        let payload_type = patch.payload_type.as_deref().unwrap_or("");
+        self.ask_about(ctx, Action::Create, authz::Topic { name: &node.0, payload_type, owner: ctx.actor.platform() })?;
         if self.nodes.contains_key(&node) {
             return Err(PubsubError::Conflict);
         }
@@ -1050,7 +1060,7 @@ mod tests {
             let denied = self
                 .0
                 .iter()
-                .any(|(p, a, t)| *p == r.principal.to_string() && *a == r.action && Some(t.as_str()) == r.topic);
+                .any(|(p, a, t)| *p == r.principal.to_string() && *a == r.action && Some(t.as_str()) == r.topic.map(|t| t.name));
             authz::Decision { allowed: !denied, reasons: vec![if denied { "table-deny" } else { "table-allow" }.into()] }
         }
     }
