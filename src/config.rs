@@ -36,6 +36,7 @@ pub struct Config {
     pub tls: Tls,
     pub auth: Auth,
     pub limits: Limits,
+    pub rate_limits: RateLimitsCfg,
     /// Directory that relative paths were resolved against (not a config key).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -161,6 +162,62 @@ pub struct Limits {
     pub outbound_queue_stanzas: usize,
 }
 
+/// Per-platform rate limits (`[rate_limits]`), with per-role overrides
+/// (`[rate_limits.roles.ROLE]`; a platform with several roles gets the largest).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsCfg {
+    pub stanzas_per_sec: u32,
+    pub publishes_per_sec: u32,
+    pub bytes_per_sec: u64,
+    /// Disable (revoke) a platform throttled without pause this long; 0 never does.
+    pub disable_after_secs: u64,
+    pub roles: std::collections::BTreeMap<String, RoleRates>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRates {
+    pub stanzas_per_sec: Option<u32>,
+    pub publishes_per_sec: Option<u32>,
+    pub bytes_per_sec: Option<u64>,
+}
+
+impl Default for RateLimitsCfg {
+    fn default() -> Self {
+        RateLimitsCfg {
+            stanzas_per_sec: 2000,
+            publishes_per_sec: 2000,
+            bytes_per_sec: 8 << 20,
+            disable_after_secs: 0,
+            roles: Default::default(),
+        }
+    }
+}
+
+impl RateLimitsCfg {
+    /// The limits of a platform with these roles.
+    pub fn for_roles(&self, roles: &[String]) -> crate::limits::RateLimits {
+        let mut l = crate::limits::RateLimits {
+            stanzas_per_sec: self.stanzas_per_sec,
+            publishes_per_sec: self.publishes_per_sec,
+            bytes_per_sec: self.bytes_per_sec,
+            disable_after_secs: self.disable_after_secs,
+        };
+        let overrides: Vec<&RoleRates> = roles.iter().filter_map(|r| self.roles.get(r)).collect();
+        if let Some(v) = overrides.iter().filter_map(|o| o.stanzas_per_sec).max() {
+            l.stanzas_per_sec = v;
+        }
+        if let Some(v) = overrides.iter().filter_map(|o| o.publishes_per_sec).max() {
+            l.publishes_per_sec = v;
+        }
+        if let Some(v) = overrides.iter().filter_map(|o| o.bytes_per_sec).max() {
+            l.bytes_per_sec = v;
+        }
+        l
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -173,6 +230,7 @@ impl Default for Config {
             tls: Tls::default(),
             auth: Auth::default(),
             limits: Limits::default(),
+            rate_limits: RateLimitsCfg::default(),
             base_dir: PathBuf::from("."),
         }
     }
@@ -290,6 +348,11 @@ impl Config {
         bound("auth.failures_before_delay", self.auth.failures_before_delay as u64, 1, 1000)?;
         bound("auth.max_failure_delay_ms", self.auth.max_failure_delay_ms, 0, 600_000)?;
         bound("auth.failure_window_secs", self.auth.failure_window_secs, 1, 86_400)?;
+        let r = &self.rate_limits;
+        bound("rate_limits.stanzas_per_sec", r.stanzas_per_sec.into(), 1, 10_000_000)?;
+        bound("rate_limits.publishes_per_sec", r.publishes_per_sec.into(), 1, 10_000_000)?;
+        bound("rate_limits.bytes_per_sec", r.bytes_per_sec, 1024, 1 << 40)?;
+        bound("rate_limits.disable_after_secs", r.disable_after_secs, 0, 86_400)?;
         if crate::pubsub::model::AccessModel::from_name(&self.broker.default_access_model).is_none() {
             return Err(ConfigError::Invalid {
                 key: "broker.default_access_model",
@@ -384,6 +447,14 @@ idle_timeout_secs = 900
 max_connections_per_ip = 1000
 max_connections = 19000
 outbound_queue_stanzas = 1024
+
+[rate_limits]                       # per platform, shared by its sessions; excess is delayed, not dropped
+stanzas_per_sec = 2000
+publishes_per_sec = 2000
+bytes_per_sec = 8388608
+disable_after_secs = 0              # disable a platform throttled this long without pause; 0 never
+# [rate_limits.roles.ids-sensor]    # per-role overrides (the largest of a platform's roles wins)
+# publishes_per_sec = 5000
 "#
     )
 }

@@ -74,6 +74,111 @@ impl ReadRate {
     }
 }
 
+/// Per-platform rate limits (RFC 8600 §8.3.1, "MAY automatically disable a
+/// misbehaving Platform"), shared by all sessions of a platform.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimits {
+    pub stanzas_per_sec: u32,
+    pub publishes_per_sec: u32,
+    pub bytes_per_sec: u64,
+    /// Throttled without pause this long → the platform is disabled (0: never).
+    pub disable_after_secs: u64,
+}
+
+/// The token buckets of one platform.
+pub struct PlatformRate {
+    limits: RateLimits,
+    stanzas: ReadRate,
+    publishes: ReadRate,
+    bytes: ReadRate,
+    /// Since when every charge has been over a limit (one throttling episode).
+    throttled_since: Option<Instant>,
+    last_over: Option<Instant>,
+    abusive: bool,
+}
+
+/// What charging a stanza decided.
+#[derive(Debug, Default, PartialEq)]
+pub struct Charge {
+    /// Pause reading this long (throttling: nothing is dropped).
+    pub pause: Option<Duration>,
+    /// This charge started a throttling episode (audit it once, not per stanza).
+    pub episode_started: bool,
+    /// Throttled for longer than `disable_after_secs`: disable the platform.
+    pub abuse: bool,
+}
+
+impl PlatformRate {
+    pub fn new(limits: RateLimits) -> Self {
+        // Bursts of one second's worth: short peaks pass, sustained excess waits.
+        PlatformRate {
+            limits,
+            stanzas: ReadRate::new(limits.stanzas_per_sec.into(), limits.stanzas_per_sec.into()),
+            publishes: ReadRate::new(limits.publishes_per_sec.into(), limits.publishes_per_sec.into()),
+            bytes: ReadRate::new(limits.bytes_per_sec, limits.bytes_per_sec),
+            throttled_since: None,
+            last_over: None,
+            abusive: false,
+        }
+    }
+
+    /// Accounts for inbound traffic: stanzas, publishes among them, bytes read.
+    pub fn charge(&mut self, stanzas: usize, publishes: usize, bytes: usize) -> Charge {
+        let pause = [self.stanzas.consume(stanzas), self.publishes.consume(publishes), self.bytes.consume(bytes)]
+        .into_iter()
+        .flatten()
+        .max();
+        let now = Instant::now();
+        let mut c = Charge { pause, ..Charge::default() };
+        match pause {
+            None => {
+                // An episode ends after a quiet second.
+                if self.last_over.is_some_and(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                    self.throttled_since = None;
+                }
+            }
+            Some(_) => {
+                self.last_over = Some(now);
+                let since = *self.throttled_since.get_or_insert_with(|| {
+                    c.episode_started = true;
+                    now
+                });
+                let limit = self.limits.disable_after_secs;
+                c.abuse = limit > 0 && now.duration_since(since) >= Duration::from_secs(limit);
+                self.abusive |= c.abuse;
+            }
+        }
+        c
+    }
+
+    /// True once sustained excess was seen (the platform is to be disabled).
+    pub fn abusive(&self) -> bool {
+        self.abusive
+    }
+}
+
+/// The shared rate state of every platform with a live session.
+#[derive(Default)]
+pub struct PlatformRates {
+    by_platform: Mutex<HashMap<String, std::sync::Weak<Mutex<PlatformRate>>>>,
+}
+
+impl PlatformRates {
+    /// The buckets of `platform` (created with `limits` if it has none live).
+    pub fn for_platform(&self, platform: &str, limits: RateLimits) -> Arc<Mutex<PlatformRate>> {
+        let mut m = self.by_platform.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = m.get(platform).and_then(std::sync::Weak::upgrade) {
+            return r;
+        }
+        if m.len() > 1024 {
+            m.retain(|_, w| w.strong_count() > 0);
+        }
+        let r = Arc::new(Mutex::new(PlatformRate::new(limits)));
+        m.insert(platform.to_string(), Arc::downgrade(&r));
+        r
+    }
+}
+
 /// Failed-login memory per key (account or source address), bounded in size.
 pub struct AuthThrottle {
     threshold: u32,
@@ -163,6 +268,45 @@ mod tests {
         assert!(r.consume(1500).is_none());
         let d = r.consume(1500).unwrap();
         assert!(d > Duration::from_millis(900) && d < Duration::from_millis(1100), "{d:?}");
+    }
+
+    #[test]
+    fn platform_rate_throttles_past_a_seconds_worth_and_flags_sustained_abuse() {
+        let limits = RateLimits { stanzas_per_sec: 10, publishes_per_sec: 2, bytes_per_sec: 1 << 20, disable_after_secs: 0 };
+        let mut r = PlatformRate::new(limits);
+        for _ in 0..2 {
+            assert_eq!(r.charge(1, 1, 100), Charge::default());
+        }
+        let c = r.charge(1, 1, 100);
+        assert!(c.pause.is_some() && c.episode_started && !c.abuse, "{c:?}");
+        let c = r.charge(1, 1, 100);
+        assert!(c.pause.is_some() && !c.episode_started, "one episode, one audit record: {c:?}");
+    }
+
+    #[test]
+    fn sustained_excess_is_abuse_when_disabling_is_configured() {
+        let limits = RateLimits { stanzas_per_sec: 1, publishes_per_sec: 1, bytes_per_sec: 1 << 20, disable_after_secs: 1 };
+        let mut r = PlatformRate::new(limits);
+        let start = Instant::now();
+        let mut abused = false;
+        while start.elapsed() < Duration::from_secs(3) && !abused {
+            abused = r.charge(1, 0, 10).abuse;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(abused);
+        assert!(start.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn sessions_of_one_platform_share_buckets() {
+        let rates = PlatformRates::default();
+        let l = RateLimits { stanzas_per_sec: 1, publishes_per_sec: 1, bytes_per_sec: 1, disable_after_secs: 0 };
+        let a = rates.for_platform("a@x", l);
+        let b = rates.for_platform("a@x", l);
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        let c = rates.for_platform("a@x", l);
+        assert_eq!(Arc::strong_count(&c), 1);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Grid {
     pub decoy_secret: [u8; 32],
     tls: RwLock<Arc<TlsState>>,
     pub conns: Arc<ConnectionCounter>,
+    /// Per-platform rate limits, shared by each platform's sessions.
+    pub rates: crate::limits::PlatformRates,
     pub shutdown: watch::Sender<bool>,
     /// The broker's state, loaded by `open`, handed to its task by `start`.
     broker_service: std::sync::Mutex<Option<Service<SledStore>>>,
@@ -101,6 +103,7 @@ impl Grid {
             broker_service: std::sync::Mutex::new(Some(service)),
             broker: std::sync::OnceLock::new(),
             conns: ConnectionCounter::new(cfg.limits.max_connections_per_ip),
+            rates: Default::default(),
             cfg,
             domain,
             store,

@@ -432,3 +432,50 @@ async fn shutdown_closes_every_stream_with_system_shutdown() {
     assert!(r.contains("<system-shutdown"), "{r}");
     shut.await.unwrap();
 }
+
+#[tokio::test]
+async fn rate_limits_delay_excess_stanzas_without_dropping_them() {
+    let g = start("rate", |c| {
+        c.rate_limits.stanzas_per_sec = 10;
+    })
+    .await;
+    g.add("chatty", "pw");
+    let (mut c, _) = login(&g, "chatty", "pw", "r").await;
+    let t = std::time::Instant::now();
+    let mut burst = String::new();
+    for i in 0..30 {
+        burst.push_str(&format!("<iq type='get' id='p{i}'><ping xmlns='urn:xmpp:ping'/></iq>"));
+    }
+    c.send(&burst).await;
+    // Every ping is answered, but the 20 beyond the one-second burst wait ~2 s.
+    c.read_until("id='p29'").await;
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(1500), "not throttled: {took:?}");
+    assert!(took < Duration::from_secs(8), "too slow: {took:?}");
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn sustained_excess_disables_the_platform_when_configured() {
+    let g = start("rate-abuse", |c| {
+        c.rate_limits.stanzas_per_sec = 5;
+        c.rate_limits.disable_after_secs = 1;
+    })
+    .await;
+    g.add("flood", "pw");
+    let (mut c, _) = login(&g, "flood", "pw", "r").await;
+    let mut burst = String::new();
+    for i in 0..200 {
+        burst.push_str(&format!("<iq type='get' id='f{i}'><ping xmlns='urn:xmpp:ping'/></iq>"));
+    }
+    c.send(&burst).await;
+    let r = c.read_to_close().await;
+    assert!(r.contains("<policy-violation") && r.contains("rate limits exceeded"), "{r}");
+    // Disabled: the next login fails.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut c, _) = starttls(&g).await;
+    c.send(&auth("PLAIN", &plain_b64("flood", "pw"))).await;
+    let r = c.read_until("</failure>").await;
+    assert!(r.contains("<not-authorized/>"), "{r}");
+    g.shutdown().await;
+}

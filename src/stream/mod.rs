@@ -13,6 +13,7 @@ use crate::error::{StreamCondition, StreamError};
 use crate::limits::ReadRate;
 use crate::ns;
 use crate::router::Router;
+use crate::limits::PlatformRate;
 use crate::session::{Ack, Outbound, SessionHandle};
 use crate::xml::Element;
 use parser::{Event, Parser};
@@ -60,6 +61,12 @@ pub struct XmlConn<S> {
 }
 
 impl<S> XmlConn<S> {
+    /// Pauses reading for `d` (rate limiting: the peer waits, nothing is dropped).
+    pub fn pause_reads(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        self.resume_at = Some(self.resume_at.map_or(until, |t| t.max(until)));
+    }
+
     /// Takes the transport out (for the TLS handshake), keeping the stream state.
     pub fn into_io(self) -> (S, XmlConn<()>) {
         let XmlConn { io, parser, out, rate, resume_at, deadline, shutdown, header_sent: _, domain } = self;
@@ -83,8 +90,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
         XmlConn { io, parser, out: Vec::new(), rate, resume_at: None, deadline, shutdown, header_sent: false, domain }
     }
 
-    /// Reads more bytes into the parser. Cancel-safe: it may be dropped at any await.
-    pub async fn read_more(&mut self) -> Result<(), ConnError> {
+    /// Reads more bytes into the parser; returns how many. Cancel-safe: it may be
+    /// dropped at any await.
+    pub async fn read_more(&mut self) -> Result<usize, ConnError> {
         if *self.shutdown.borrow() {
             return Err(StreamError::new(StreamCondition::SystemShutdown).into());
         }
@@ -105,9 +113,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
             return Err(ConnError::Closed);
         }
         if let Some(pause) = self.rate.consume(n) {
-            self.resume_at = Some(Instant::now() + pause);
+            self.pause_reads(pause);
         }
-        Ok(())
+        Ok(n)
     }
 
     /// The next parsed event, reading as needed.
@@ -115,7 +123,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
         loop {
             match self.parser.next_event() {
                 Ok(Some(ev)) => return Ok(ev),
-                Ok(None) => self.read_more().await?,
+                Ok(None) => {
+                    self.read_more().await?;
+                }
                 Err(e) => return Err(StreamError::with_text(StreamCondition::from_name(e.condition()), e.to_string()).into()),
             }
         }
@@ -205,6 +215,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     handle: &std::sync::Arc<SessionHandle>,
     rx: &mut mpsc::Receiver<Outbound>,
     idle: Duration,
+    rates: &std::sync::Mutex<PlatformRate>,
 ) -> Result<(), ConnError> {
     conn.deadline = Instant::now() + idle;
     // `<message to='our-jid'`: the start of every notification serialized once for many.
@@ -213,9 +224,14 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     to_self.push(b'\'');
     let mut acks: Vec<Ack> = Vec::new();
     loop {
-        loop {
+        // Stanzas already received are processed unless the rate limit paused us.
+        while conn.resume_at.is_none_or(|t| t <= Instant::now()) {
             match conn.parser.next_event() {
-                Ok(Some(Event::Stanza(s))) => router.route(handle, s)?,
+                Ok(Some(Event::Stanza(s))) => {
+                    let publish = is_publish(&s);
+                    router.route(handle, s)?;
+                    throttle(conn, handle, rates, 1, usize::from(publish), 0)?;
+                }
                 Ok(Some(Event::Close)) => return Err(ConnError::Closed),
                 Ok(Some(Event::Open(_))) => {
                     return Err(StreamError::with_text(StreamCondition::NotWellFormed, "unexpected stream header").into());
@@ -226,10 +242,19 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        conn.parser.shrink_idle();
+        if conn.parser.buffered_len() == 0 {
+            conn.parser.shrink_idle();
+        }
+        let paused = conn.resume_at.filter(|t| *t > Instant::now());
         tokio::select! {
             biased;
             reason = handle.closed() => return Err(reason.into()),
+            // Throttled: neither parse nor read until the buckets refill. The idle
+            // timer keeps running only while we are willing to read.
+            _ = tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)), if paused.is_some() => {
+                conn.resume_at = None;
+                conn.deadline = Instant::now() + idle;
+            }
             Some(first) = rx.recv() => {
                 let mut next = Some(first);
                 while let Some(o) = next.take() {
@@ -255,10 +280,42 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     a.cursor.fetch_max(a.seq, std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            r = conn.read_more() => {
-                r?;
+            r = conn.read_more(), if paused.is_none() => {
+                let n = r?;
                 conn.deadline = Instant::now() + idle;
+                throttle(conn, handle, rates, 0, 0, n)?;
             }
         }
     }
+}
+
+/// A publish request (XEP-0060 §7.1), for the publish rate limit.
+fn is_publish(s: &Element) -> bool {
+    s.name == "iq"
+        && s.elements().next().is_some_and(|c| {
+            c.name == "pubsub" && c.ns == crate::pubsub::protocol::NS_PUBSUB && c.elements().any(|e| e.name == "publish")
+        })
+}
+
+/// Charges the platform's rate limits; pauses reading when over, and ends the
+/// stream when the excess has lasted too long (the caller then disables the platform).
+fn throttle<S>(
+    conn: &mut XmlConn<S>,
+    handle: &SessionHandle,
+    rates: &std::sync::Mutex<PlatformRate>,
+    stanzas: usize,
+    publishes: usize,
+    bytes: usize,
+) -> Result<(), ConnError> {
+    let c = rates.lock().unwrap_or_else(|p| p.into_inner()).charge(stanzas, publishes, bytes);
+    if c.episode_started {
+        tracing::warn!(platform = %handle.jid.bare(), "rate limit reached: reads paused");
+    }
+    if c.abuse {
+        return Err(StreamError::with_text(StreamCondition::PolicyViolation, "rate limits exceeded for too long").into());
+    }
+    if let Some(p) = c.pause {
+        conn.pause_reads(p);
+    }
+    Ok(())
 }

@@ -200,6 +200,7 @@ async fn secure_stream(
         .with_child(Element::new("session", ns::SESSION).with_child(Element::new("optional", ns::SESSION)));
     open_stream(conn, grid, f).await?;
 
+    let roles: Vec<String>;
     let (handle, mut rx) = loop {
         let iq = conn.next_stanza().await?;
         let bind = (iq.name == "iq" && iq.attr("type") == Some("set"))
@@ -221,9 +222,10 @@ async fn secure_stream(
             }
         };
         // A revocation may have happened during negotiation.
-        if grid.lookup_account(&local).is_none() {
-            return Err(StreamError::with_text(StreamCondition::NotAuthorized, "platform revoked").into());
-        }
+        roles = match grid.store.account(&local) {
+            Ok(Some(a)) if !a.revoked => a.roles,
+            _ => return Err(StreamError::with_text(StreamCondition::NotAuthorized, "platform revoked").into()),
+        };
         let (handle, rx) = grid.router.sessions().bind(full.clone(), grid.cfg.limits.outbound_queue_stanzas, actx.clone());
         let mut result = Element::new("iq", ns::CLIENT).with_attr("type", "result");
         if let Some(id) = iq.attr("id") {
@@ -234,8 +236,20 @@ async fn secure_stream(
         break (handle, rx);
     };
     let idle = Duration::from_secs(grid.cfg.limits.idle_timeout_secs);
-    let r = session_loop(conn, &grid.router, &handle, &mut rx, idle).await;
+    let rates = grid.rates.for_platform(&jid.to_string(), grid.cfg.rate_limits.for_roles(&roles));
+    let r = session_loop(conn, &grid.router, &handle, &mut rx, idle, &rates).await;
     grid.router.session_ended(&handle);
+    let abusive = rates.lock().unwrap_or_else(|p| p.into_inner()).abusive();
+    if abusive {
+        // RFC 8600 §8.3.1: a misbehaving platform may be disabled automatically.
+        tracing::warn!(%jid, "platform disabled after sustained rate-limit excess");
+        let g = grid.clone();
+        let name = local.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::admin::apply(&g.cfg, &g.store, Some(&g), crate::admin::AdminRequest::Revoke { name })
+        })
+        .await;
+    }
     r
 }
 
