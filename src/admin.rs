@@ -7,6 +7,7 @@
 //! sessions and reloads TLS. Expensive work (PBKDF2) is done by the CLI before
 //! the request is sent, so the server only stores.
 
+use crate::audit::{self, AuditError, AuditLog, Kind, Record, Verdict};
 use crate::config::Config;
 use crate::error::{StreamCondition, StreamError};
 use crate::jid::{normalize_local, BareJid};
@@ -29,6 +30,14 @@ pub enum AdminRequest {
     /// revoked, its live sessions end now.
     Revoke { name: String },
     List,
+    /// One platform's facts, as `List` shows them (for `policy explain`).
+    Platform { name: String },
+    /// The newest `n` audit records.
+    AuditTail { n: usize },
+    /// Audit records from sequence number `seq` on (a bounded page).
+    AuditSince { seq: u64 },
+    /// Walks the audit chain.
+    AuditVerify,
 }
 
 /// A platform as `platform list` shows it.
@@ -49,6 +58,8 @@ pub enum AdminResponse {
     Recorded,
     Revoked { sessions_closed: usize, certificates: usize },
     List { platforms: Vec<PlatformInfo> },
+    AuditRecords { records: Vec<Record> },
+    AuditVerdict { verdict: Verdict },
     Error { message: String },
 }
 
@@ -62,13 +73,19 @@ pub enum AdminError {
     Protocol(String),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
 }
+
+/// Most audit records one `AuditSince` answer carries (keeps socket lines small).
+pub const AUDIT_PAGE: usize = 1000;
 
 /// Largest request line accepted on the socket (an import batch).
 const MAX_REQUEST: u64 = 256 << 20;
 
 /// Carries out a request against `store`. With `live`, the running server also
-/// reloads its TLS configuration and ends revoked sessions. Blocking.
+/// reloads its TLS configuration and ends revoked sessions. Provisioning,
+/// certificates and revocations append durable audit records. Blocking.
 pub fn apply(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminRequest) -> AdminResponse {
     match apply_inner(cfg, store, live, req) {
         Ok(r) => r,
@@ -77,6 +94,9 @@ pub fn apply(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminRequest
 }
 
 fn apply_inner(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminRequest) -> Result<AdminResponse, AdminError> {
+    // Admin actions are audit events; `via` tells how the admin reached the store.
+    let via = if live.is_some() { "admin-socket" } else { "local-store" };
+    let jid = |name: &str| format!("{name}@{}", cfg.domain);
     match req {
         AdminRequest::AddPlatforms { platforms } => {
             let mut checked = Vec::with_capacity(platforms.len());
@@ -85,6 +105,23 @@ fn apply_inner(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminReque
                 checked.push((n, acc));
             }
             let existing = store.add_accounts(&checked)?;
+            let skip: std::collections::HashSet<&String> = existing.iter().collect();
+            let added = checked.iter().filter(|(n, _)| !skip.contains(n)).map(|(n, a)| {
+                let auth = if a.credentials.is_some() { "password" } else { "certificate" };
+                let f = audit::fields([
+                    ("action", "platform-add".to_string()),
+                    ("roles", a.roles.join(";")),
+                    ("templates", a.templates.join(";")),
+                    ("read_only", a.read_only.to_string()),
+                    ("auth", auth.to_string()),
+                    ("via", via.to_string()),
+                ]);
+                audit::Entry::now(Kind::Admin, jid(n), f)
+            });
+            AuditLog::open(store)?.append_batch(added.collect())?;
+            if let Some(grid) = live {
+                grid.platforms_changed(checked.iter().filter(|(n, _)| !skip.contains(n)).map(|(n, a)| (n.as_str(), a)));
+            }
             Ok(AdminResponse::Added { added: checked.len() - existing.len(), existing })
         }
         AdminRequest::RecordCert { name, serial_hex } => {
@@ -92,8 +129,10 @@ fn apply_inner(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminReque
             if acc.revoked {
                 return Err(AdminError::Refused(format!("platform {name} is revoked")));
             }
-            acc.cert_serials.push(serial_hex);
+            acc.cert_serials.push(serial_hex.clone());
             store.put_account(&name, &acc)?;
+            let f = audit::fields([("action", "platform-cert"), ("serial", &serial_hex), ("via", via)]);
+            AuditLog::open(store)?.append(Kind::Admin, jid(&name), f)?;
             Ok(AdminResponse::Recorded)
         }
         AdminRequest::Revoke { name } => {
@@ -101,39 +140,71 @@ fn apply_inner(cfg: &Config, store: &Store, live: Option<&Grid>, req: AdminReque
             acc.revoked = true;
             store.put_account(&name, &acc)?;
             let certificates = acc.cert_serials.len();
-            let sessions_closed = match live {
-                Some(grid) => {
-                    grid.reload_tls().map_err(|e| AdminError::Refused(e.to_string()))?;
-                    let jid = BareJid::new(&name, &cfg.domain).map_err(|e| AdminError::Refused(e.to_string()))?;
-                    grid.router
-                        .sessions()
-                        .close_platform(&jid, &StreamError::with_text(StreamCondition::PolicyViolation, "platform revoked"))
-                }
-                None => {
-                    crate::pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, 30)
-                        .map_err(|e| AdminError::Refused(e.to_string()))?;
-                    0
-                }
+            let ended = end_sessions(cfg, store, live, &name);
+            let mut f = audit::fields([("certificates", certificates.to_string()), ("via", via.to_string())]);
+            match &ended {
+                Ok(n) => f.insert("sessions_closed".into(), n.to_string()),
+                Err(e) => f.insert("error".into(), e.to_string()),
             };
+            AuditLog::open(store)?.append(Kind::Revocation, jid(&name), f)?;
+            let sessions_closed = ended?;
             tracing::info!(platform = %name, sessions_closed, "platform revoked");
             Ok(AdminResponse::Revoked { sessions_closed, certificates })
+        }
+        AdminRequest::Platform { name } => {
+            let a = account(store, &name)?;
+            let name = normalize_local(&name).unwrap_or(name);
+            Ok(AdminResponse::List { platforms: vec![platform_info(name, a)] })
         }
         AdminRequest::List => {
             let mut platforms = Vec::new();
             for r in store.accounts() {
                 let (name, a) = r?;
-                platforms.push(PlatformInfo {
-                    name,
-                    roles: a.roles,
-                    templates: a.templates,
-                    read_only: a.read_only,
-                    revoked: a.revoked,
-                    password: a.credentials.is_some(),
-                    certificates: a.cert_serials.len(),
-                });
+                platforms.push(platform_info(name, a));
             }
             Ok(AdminResponse::List { platforms })
         }
+        AdminRequest::AuditTail { n } => Ok(AdminResponse::AuditRecords { records: AuditLog::open(store)?.tail(n)? }),
+        AdminRequest::AuditSince { seq } => {
+            Ok(AdminResponse::AuditRecords { records: AuditLog::open(store)?.since(seq, AUDIT_PAGE)? })
+        }
+        AdminRequest::AuditVerify => Ok(AdminResponse::AuditVerdict { verdict: AuditLog::open(store)?.verify()? }),
+    }
+}
+
+/// After a revocation: a live server reloads TLS (new CRL) and ends the
+/// platform's sessions; offline, the CRL file is rewritten. Returns the
+/// number of sessions ended.
+fn end_sessions(cfg: &Config, store: &Store, live: Option<&Grid>, name: &str) -> Result<usize, AdminError> {
+    Ok(match live {
+        Some(grid) => {
+            if let Ok(Some(acc)) = store.account(name) {
+                // Policies see the platform revoked; its subscriptions end.
+                grid.platforms_changed(std::iter::once((name, &acc)));
+            }
+            grid.reload_tls().map_err(|e| AdminError::Refused(e.to_string()))?;
+            let jid = BareJid::new(name, &cfg.domain).map_err(|e| AdminError::Refused(e.to_string()))?;
+            grid.router
+                .sessions()
+                .close_platform(&jid, &StreamError::with_text(StreamCondition::PolicyViolation, "platform revoked"))
+        }
+        None => {
+            crate::pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, 30)
+                .map_err(|e| AdminError::Refused(e.to_string()))?;
+            0
+        }
+    })
+}
+
+fn platform_info(name: String, a: Account) -> PlatformInfo {
+    PlatformInfo {
+        name,
+        roles: a.roles,
+        templates: a.templates,
+        read_only: a.read_only,
+        revoked: a.revoked,
+        password: a.credentials.is_some(),
+        certificates: a.cert_serials.len(),
     }
 }
 

@@ -31,7 +31,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: Listen,
     pub broker: Broker,
-    pub policies: Dir,
+    pub policies: Policies,
     pub plugins: Dir,
     pub tls: Tls,
     pub auth: Auth,
@@ -99,6 +99,24 @@ impl Broker {
     pub fn access_model(&self) -> crate::pubsub::model::AccessModel {
         crate::pubsub::model::AccessModel::from_name(&self.default_access_model)
             .unwrap_or(crate::pubsub::model::AccessModel::Open)
+    }
+}
+
+/// `[policies]`: Cedar policies (hot-reloaded) and what a honeytoken alert does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policies {
+    pub dir: PathBuf,
+    /// The grid's own topic where alerts (honeytoken hits) are published as IODEF;
+    /// "" publishes none (alerts are still audited).
+    pub alerts_topic: String,
+    /// Disable a platform at once when it touches a honeytoken (RFC 8600 §8.3.2).
+    pub honeytoken_disables_platform: bool,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies { dir: "policies".into(), alerts_topic: "grid-alerts".into(), honeytoken_disables_platform: false }
     }
 }
 
@@ -225,7 +243,7 @@ impl Default for Config {
             data_dir: "data".into(),
             listen: Listen::default(),
             broker: Broker::default(),
-            policies: Dir { dir: "policies".into() },
+            policies: Policies::default(),
             plugins: Dir { dir: "plugins".into() },
             tls: Tls::default(),
             auth: Auth::default(),
@@ -419,7 +437,9 @@ max_topics_per_platform = 100
 max_subscriptions_per_platform = 1000
 
 [policies]
-dir = "policies"
+dir = "policies"                    # Cedar schema, policies, templates, topics.toml; hot-reloaded
+alerts_topic = "grid-alerts"        # the grid's own IODEF alerts (honeytoken hits); "" for none
+honeytoken_disables_platform = false
 
 [plugins]
 dir = "plugins"

@@ -14,10 +14,13 @@
 //! - [`sasl`]: SCRAM (-PLUS), PLAIN, EXTERNAL against stored SCRAM keys.
 //! - [`router`], [`session`], [`disco`]: stanza routing between sessions and services.
 //! - [`store`]: sled; [`admin`], [`provision`]: platform provisioning and revocation.
+//! - [`audit`]: the hash-chained security audit log and its non-blocking sink.
 //! - [`authz`]: the authorization seam; [`limits`]: per-address and per-account limits.
 //! - [`xml`], [`jid`], [`error`], [`ns`]: elements, addresses, protocol errors, namespaces.
 
 pub mod admin;
+pub mod alerts;
+pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;

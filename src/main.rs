@@ -34,9 +34,48 @@ enum Cmd {
     /// Provision, list and revoke platforms.
     #[command(subcommand)]
     Platform(PlatformCmd),
+    /// Inspect the authorization policies (policies/).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Verify or print the security audit log (works with or without a running server).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     // Act as a platform: topics, publish, subscribe, retrieve.
     #[command(flatten)]
     Client(xmpp_grid::client::cli::ClientCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Print the decision for one request and the policies that made it.
+    Explain {
+        /// The platform (localpart or bare JID); its roles etc. come from the store.
+        #[arg(long)]
+        platform: String,
+        /// connect, admin, discover, create, configure, delete, purge, publish,
+        /// retract, subscribe, retrieve, manage-subscriptions.
+        #[arg(long)]
+        action: String,
+        /// The topic (node name); needed for every action but connect and admin.
+        #[arg(long)]
+        topic: Option<String>,
+        /// The topic's pubsub#type (payload namespace).
+        #[arg(long, default_value = "")]
+        payload_type: String,
+        /// The platform that created the topic.
+        #[arg(long)]
+        owner: Option<String>,
+        /// "cert" (SASL EXTERNAL) or a SASL mechanism.
+        #[arg(long, default_value = "SCRAM-SHA-256")]
+        authn: String,
+        /// What if: extra roles, templates, read-only on top of the stored facts.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,6 +107,20 @@ enum PlatformCmd {
     Revoke { name: String },
     /// List platforms.
     List,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain; exit 1 naming the first bad record.
+    Verify,
+    /// Print the newest records as JSON lines.
+    Tail {
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+        /// Keep printing new records as they are appended.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 fn main() {
@@ -110,6 +163,8 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load_config(cli.config.as_deref())?;
             platform(&cfg, p)
         }
+        Cmd::Policy(p) => policy(&load_config(cli.config.as_deref())?, p),
+        Cmd::Audit(a) => audit(&load_config(cli.config.as_deref())?, a),
     }
 }
 
@@ -132,6 +187,7 @@ fn init(domain: &str, dir: &Path) -> Result<()> {
 }
 
 fn check(cfg: &Config) -> Result<()> {
+    check_policies(cfg)?;
     // Building the grid validates certificates and keys without serving.
     let dir = cfg.tls_dir();
     if cfg.tls.cert.is_none() && !dir.join("server.pem").exists() {
@@ -147,6 +203,95 @@ fn check(cfg: &Config) -> Result<()> {
     xmpp_grid::tls::server_config(&settings, &[])?;
     println!("config ok: domain {}, TLS material valid", cfg.domain);
     Ok(())
+}
+
+/// Validates schema, policies, topics.toml and links.toml; prints every problem as file:line:col.
+fn check_policies(cfg: &Config) -> Result<()> {
+    use xmpp_grid::authz::cedar;
+    let dir = &cfg.policies.dir;
+    if !cedar::has_policies(dir) {
+        println!("policies: none in {}; the shipped defaults are installed there on first start", dir.display());
+        return Ok(());
+    }
+    match cedar::CedarAuthorizer::load(dir, Vec::new()) {
+        Ok(a) => {
+            println!("policies ok: {}", a.report());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            bail!("policies in {} are invalid ({} problem(s))", dir.display(), e.problems.len())
+        }
+    }
+}
+
+fn policy(cfg: &Config, cmd: PolicyCmd) -> Result<()> {
+    use xmpp_grid::authz::{cedar, Action, CedarAuthorizer, Context as Login, Request, Topic};
+    let PolicyCmd::Explain { platform, action, topic, payload_type, owner, authn, roles, templates, read_only } = cmd;
+    let action = Action::from_name(&action).with_context(|| {
+        let all: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+        format!("unknown action {action:?}; one of: {}", all.join(", "))
+    })?;
+    if !action.on_controller() && topic.is_none() {
+        bail!("--topic is needed for {}", action.name());
+    }
+    let local_of = |name: &str| -> Result<String> {
+        Ok(xmpp_grid::jid::normalize_local(name.split('@').next().unwrap_or(name))?)
+    };
+    let local = local_of(&platform)?;
+    let mut facts = stored_facts(cfg, &local);
+    facts.roles.extend(roles);
+    facts.templates.extend(templates);
+    facts.read_only |= read_only;
+    println!(
+        "platform {local}: roles [{}], templates [{}]{}{}",
+        facts.roles.join(", "),
+        facts.templates.join(", "),
+        if facts.read_only { ", read-only" } else { "" },
+        if facts.revoked { ", revoked" } else { "" }
+    );
+    let authz = if cedar::has_policies(&cfg.policies.dir) {
+        CedarAuthorizer::load(&cfg.policies.dir, vec![facts])?
+    } else {
+        println!("(no policies in {}: the shipped defaults)", cfg.policies.dir.display());
+        CedarAuthorizer::load_defaults(vec![facts])?
+    };
+    let principal = xmpp_grid::jid::BareJid::new(&local, &cfg.domain)?;
+    let owner = owner.map(|o| -> Result<_> { Ok(xmpp_grid::jid::BareJid::new(&local_of(&o)?, &cfg.domain)?) }).transpose()?;
+    let context = Login { authn, tls_version: "TLSv1.3", source: std::net::Ipv4Addr::LOCALHOST.into() };
+    let topic = topic.as_deref().filter(|_| !action.on_controller()).map(|name| Topic { name, payload_type: &payload_type, owner: owner.as_ref() });
+    let e = authz.explain(&Request { principal: &principal, action, topic, context: &context });
+    print!("{}", e);
+    Ok(())
+}
+
+/// A platform's facts from the store (through the server if it runs); with no
+/// such platform, or no store, a platform with no role.
+fn stored_facts(cfg: &Config, local: &str) -> xmpp_grid::authz::PlatformFacts {
+    let none = xmpp_grid::authz::PlatformFacts { name: local.to_string(), ..Default::default() };
+    if !cfg.db_dir().exists() {
+        println!("note: no database at {}: {local} has no role", cfg.db_dir().display());
+        return none;
+    }
+    let found = Admin::connect(cfg).and_then(|mut a| a.call(cfg, AdminRequest::Platform { name: local.to_string() }));
+    match found {
+        Ok(AdminResponse::List { platforms }) => match platforms.into_iter().next() {
+            Some(p) => xmpp_grid::authz::PlatformFacts {
+                name: local.to_string(),
+                roles: p.roles,
+                templates: p.templates,
+                read_only: p.read_only,
+                revoked: p.revoked,
+                org: String::new(),
+            },
+            None => none,
+        },
+        Ok(_) => none,
+        Err(e) => {
+            println!("note: {e}: {local} has no role");
+            none
+        }
+    }
 }
 
 fn serve(cfg: Config) -> Result<()> {
@@ -265,5 +410,55 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
     f.write_all(data)?;
+    Ok(())
+}
+
+fn audit(cfg: &Config, cmd: AuditCmd) -> Result<()> {
+    use std::io::Write;
+    use xmpp_grid::audit::Verdict;
+    match cmd {
+        AuditCmd::Verify => match Admin::connect(cfg)?.call(cfg, AdminRequest::AuditVerify)? {
+            AdminResponse::AuditVerdict { verdict: v @ Verdict::Intact { .. } } => println!("{v}"),
+            AdminResponse::AuditVerdict { verdict } => bail!("{verdict}"),
+            r => bail!("unexpected answer {r:?}"),
+        },
+        AuditCmd::Tail { n, follow } => {
+            let records = |admin: &mut Admin, req| match admin.call(cfg, req)? {
+                AdminResponse::AuditRecords { records } => Ok(records),
+                r => bail!("unexpected answer {r:?}"),
+            };
+            // At least one record, to learn where --follow starts.
+            let last = records(&mut Admin::connect(cfg)?, AdminRequest::AuditTail { n: n.max(1) })?;
+            let mut next = last.last().map_or(1, |r| r.seq + 1);
+            for r in last.iter().skip(last.len().saturating_sub(n)) {
+                println!("{}", r.to_json_line());
+            }
+            if !follow {
+                return Ok(());
+            }
+            // Poll, connecting afresh each time: an open store would keep the
+            // server from starting, and the server may start or stop meanwhile.
+            let mut caught_up = true;
+            loop {
+                if caught_up {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                let page = Admin::connect(cfg).map_err(anyhow::Error::from).and_then(|mut a| records(&mut a, AdminRequest::AuditSince { seq: next }));
+                match page {
+                    Ok(page) => {
+                        caught_up = page.len() < xmpp_grid::admin::AUDIT_PAGE;
+                        for r in page {
+                            // A closed pipe (`| head`) ends the command quietly.
+                            if writeln!(std::io::stdout(), "{}", r.to_json_line()).is_err() {
+                                return Ok(());
+                            }
+                            next = r.seq + 1;
+                        }
+                    }
+                    Err(e) => eprintln!("xmpp-grid: audit tail: {e} (retrying)"),
+                }
+            }
+        }
+    }
     Ok(())
 }

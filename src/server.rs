@@ -4,7 +4,9 @@
 //! Accept loops only accept: TLS handshakes and everything else run in the
 //! connection's own task (STYLE §4).
 
-use crate::authz::{AllowAll, Authorize};
+use crate::authz::cedar::{self, CedarAuthorizer};
+use crate::authz::entities::PlatformFacts;
+use crate::authz::Authorize;
 use crate::config::Config;
 use crate::jid::{normalize_local, BareJid};
 use crate::limits::{AuthThrottle, ConnectionCounter};
@@ -34,6 +36,8 @@ pub enum ServerError {
     Io { what: String, source: std::io::Error },
     #[error("broker: {0}")]
     Broker(String),
+    #[error("policies: {0}")]
+    Policies(String),
 }
 
 /// The TLS configurations in force; replaced whole after a revocation.
@@ -50,7 +54,14 @@ pub struct Grid {
     pub domain: BareJid,
     pub store: Store,
     pub router: Arc<Router>,
+    /// Every decision goes through this (Cedar, audited).
     pub authz: Arc<dyn Authorize>,
+    /// The Cedar engine itself, for reloads and platform changes.
+    pub cedar: Arc<CedarAuthorizer>,
+    /// Honeytoken alerts waiting for the alert task (taken by `start`).
+    alerts: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::alerts::Alert>>>,
+    /// Keeps the policies directory watched while the grid lives.
+    watcher: std::sync::Mutex<Option<cedar::Watcher>>,
     pub throttle: AuthThrottle,
     /// Key for the SCRAM decoy answers to unknown users.
     pub decoy_secret: [u8; 32],
@@ -58,6 +69,8 @@ pub struct Grid {
     pub conns: Arc<ConnectionCounter>,
     /// Per-platform rate limits, shared by each platform's sessions.
     pub rates: crate::limits::PlatformRates,
+    /// The security audit log (logins, denials, revocations, alerts, rate limits).
+    pub audit: crate::audit::AuditSink,
     pub shutdown: watch::Sender<bool>,
     /// The broker's state, loaded by `open`, handed to its task by `start`.
     broker_service: std::sync::Mutex<Option<Service<SledStore>>>,
@@ -85,6 +98,7 @@ impl Grid {
         pki::ensure_ca_and_server(&cfg.tls_dir(), &cfg.domain, &[cfg.broker_jid()])?;
         let store = Store::open(&cfg.db_dir())?;
         let decoy_secret = store.secret("scram-decoy")?;
+        let audit_log = crate::audit::AuditLog::open(&store).map_err(|e| ServerError::Broker(format!("audit log: {e}")))?;
         pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, CRL_DAYS)?;
         let tls = build_tls(&cfg)?;
         let sessions = Arc::new(Sessions::default());
@@ -95,7 +109,19 @@ impl Grid {
             Duration::from_secs(cfg.auth.failure_window_secs),
         );
         let (shutdown, _) = watch::channel(false);
-        let authz: Arc<dyn Authorize> = Arc::new(AllowAll);
+        // First start: the shipped policies; later the operator's own files.
+        cedar::install_defaults(&cfg.policies.dir)
+            .map_err(|source| ServerError::Io { what: format!("install policies in {}", cfg.policies.dir.display()), source })?;
+        let mut platforms = Vec::new();
+        for r in store.accounts() {
+            let (name, a) = r?;
+            platforms.push(PlatformFacts::from_account(&name, &a));
+        }
+        let cedar = Arc::new(CedarAuthorizer::load(&cfg.policies.dir, platforms).map_err(|e| ServerError::Policies(e.to_string()))?);
+        let audit = crate::audit::AuditSink::spawn(audit_log, crate::audit::DEFAULT_CAPACITY);
+        let (alerts_tx, alerts_rx) = tokio::sync::mpsc::channel(1024);
+        let authz: Arc<dyn Authorize> =
+            Arc::new(crate::alerts::Audited { inner: cedar.clone(), audit: audit.clone(), alerts: alerts_tx });
         let bstore = SledStore::new(store.db()).map_err(|e| ServerError::Broker(e.to_string()))?;
         let service = Service::open(bstore, authz.clone(), cfg.broker.limits(), cfg.broker.access_model())
             .map_err(|e| ServerError::Broker(e.to_string()))?;
@@ -104,6 +130,10 @@ impl Grid {
             broker: std::sync::OnceLock::new(),
             conns: ConnectionCounter::new(cfg.limits.max_connections_per_ip),
             rates: Default::default(),
+            audit,
+            cedar,
+            alerts: std::sync::Mutex::new(Some(alerts_rx)),
+            watcher: std::sync::Mutex::new(None),
             cfg,
             domain,
             store,
@@ -129,6 +159,15 @@ impl Grid {
         let t = build_tls(&self.cfg)?;
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
         Ok(())
+    }
+
+    /// Platforms were added or changed (revoked): the policies learn their new
+    /// facts and live subscriptions are checked again.
+    pub fn platforms_changed<'a>(&self, changed: impl Iterator<Item = (&'a str, &'a crate::store::Account)>) {
+        self.cedar.update_platforms(changed.map(|(n, a)| PlatformFacts::from_account(n, a)).collect());
+        if let Some(b) = self.broker.get() {
+            b.recheck();
+        }
     }
 
     /// The account of a localpart if it may log in (exists and is not revoked).
@@ -188,7 +227,12 @@ pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
     let broker = Broker::start(service, grid.router.sessions().clone(), broker_jid.clone());
     let jid = BareJid::domain(&broker_jid).map_err(|e| ServerError::Broker(e.to_string()))?;
     grid.router.register(jid, broker.clone());
-    let _ = grid.broker.set(broker);
+    let _ = grid.broker.set(broker.clone());
+    start_policy_watch(&grid, broker.clone());
+    let alerts = grid.alerts.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(rx) = alerts {
+        tokio::spawn(alert_task(grid.clone(), broker, rx));
+    }
     let (done_tx, done) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(grid.cfg.limits.max_connections));
     let mut accept_tasks = Vec::new();
@@ -208,6 +252,112 @@ pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
     }
     accept_tasks.push(tokio::spawn(crate::admin::serve_socket(grid.clone(), done_tx.clone())));
     Ok(Running { grid, starttls_addr: addrs[0], direct_tls_addr: addrs[1], done, accept_tasks })
+}
+
+/// Hot reload: policy files are watched; a new set is validated and swapped
+/// whole, a broken one keeps the last good set; both are audited.
+fn start_policy_watch(grid: &Arc<Grid>, broker: Arc<Broker>) {
+    let audit = grid.audit.clone();
+    let watched = cedar::watch(&grid.cfg.policies.dir, grid.cedar.clone(), move |outcome| match outcome {
+        Ok(report) => {
+            tracing::info!("policies reloaded: {report:?}");
+            audit.record(crate::audit::Kind::PolicyReload, crate::audit::CONTROLLER, crate::audit::fields([("result", "ok")]));
+            broker.recheck();
+        }
+        Err(e) => {
+            tracing::error!("policies not reloaded, the previous set stays in force:\n{e}");
+            audit.record(
+                crate::audit::Kind::PolicyReload,
+                crate::audit::CONTROLLER,
+                crate::audit::fields([("result", "rejected".to_string()), ("errors", e.to_string())]),
+            );
+        }
+    });
+    match watched {
+        Ok(w) => *grid.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+        Err(e) => tracing::error!("cannot watch {}: {e}; policy changes need a restart", grid.cfg.policies.dir.display()),
+    }
+}
+
+/// Publishes honeytoken alerts on the grid's alerts topic and, when configured,
+/// disables the offending platform.
+async fn alert_task(grid: Arc<Grid>, broker: Arc<Broker>, mut rx: tokio::sync::mpsc::Receiver<crate::alerts::Alert>) {
+    use crate::pubsub::model::{AccessModel, ConfigPatch, NodeId, Request};
+    // The grid owns this task's sender: end with the shutdown, not with the channel.
+    let mut shutdown = grid.shutdown.subscribe();
+    let publish_alerts = !grid.cfg.policies.alerts_topic.is_empty();
+    let topic = NodeId(grid.cfg.policies.alerts_topic.clone());
+    let create = Request::Create {
+        node: Some(topic.clone()),
+        config: ConfigPatch {
+            title: Some("xmpp-grid alerts".into()),
+            description: Some("Honeytoken alerts raised by the controller (IODEF 2.0)".into()),
+            payload_type: Some("urn:ietf:params:xml:ns:iodef-2.0".into()),
+            // Who may read it is for the policies to say.
+            access_model: Some(AccessModel::Open),
+            ..ConfigPatch::default()
+        },
+    };
+    if publish_alerts {
+        match broker.internal(create).await {
+            Ok(_) | Err(crate::pubsub::model::PubsubError::Conflict) => {}
+            Err(e) => tracing::error!("creating the alerts topic: {e}"),
+        }
+    }
+    // Honeytokens are bait: they must exist to be discovered.
+    for name in honeytoken_names(&grid.cfg.policies.dir) {
+        let bait = Request::Create {
+            node: Some(NodeId(name.clone())),
+            config: ConfigPatch {
+                title: Some(name.replace('-', " ")),
+                payload_type: Some("urn:ietf:params:xml:ns:iodef-2.0".into()),
+                access_model: Some(AccessModel::Open),
+                ..ConfigPatch::default()
+            },
+        };
+        match broker.internal(bait).await {
+            Ok(_) | Err(crate::pubsub::model::PubsubError::Conflict) => {}
+            Err(e) => tracing::error!("creating honeytoken topic {name}: {e}"),
+        }
+    }
+    loop {
+        let alert = tokio::select! {
+            a = rx.recv() => match a { Some(a) => a, None => return },
+            _ = shutdown.changed() => return,
+        };
+        if publish_alerts {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let id = format!("alert-{}", crate::pubsub::service::random_id());
+            let doc = crate::alerts::iodef(&alert, &grid.cfg.domain, &id, now);
+            let publish = Request::Publish {
+                node: topic.clone(),
+                item_id: Some(id),
+                payload: bytes::Bytes::from(doc),
+                preconditions: ConfigPatch::default(),
+            };
+            if let Err(e) = broker.internal(publish).await {
+                tracing::error!("publishing a honeytoken alert: {e}");
+            }
+        }
+        if grid.cfg.policies.honeytoken_disables_platform {
+            let Some(local) = alert.platform.split('@').next().map(str::to_string) else { continue };
+            let g = grid.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::admin::apply(&g.cfg, &g.store, Some(&g), crate::admin::AdminRequest::Revoke { name: local })
+            })
+            .await;
+            tracing::warn!(platform = %alert.platform, "platform disabled after touching a honeytoken: {r:?}");
+        }
+    }
+}
+
+/// The exact (non-prefix) honeytoken topic names of `policies/topics.toml`.
+fn honeytoken_names(dir: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("topics.toml")).unwrap_or_default();
+    match toml::from_str::<crate::authz::entities::TopicsFile>(&text) {
+        Ok(t) => t.honeytokens.into_iter().filter(|n| !n.ends_with('*') && !n.is_empty()).collect(),
+        Err(_) => Vec::new(), // the policy loader reports a broken file
+    }
 }
 
 async fn accept_loop(grid: Arc<Grid>, listener: TcpListener, direct: bool, permits: Arc<Semaphore>, done: mpsc::Sender<()>) {
@@ -259,6 +409,9 @@ impl Running {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.done.recv()).await;
         if let Some(b) = self.grid.broker.get() {
             let _ = tokio::time::timeout(Duration::from_secs(5), b.sync()).await;
+        }
+        if let Err(e) = self.grid.audit.flush().await {
+            tracing::error!("audit log at shutdown: {e}");
         }
         let store = self.grid.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;

@@ -195,7 +195,7 @@ async fn acknowledged_items_survive_kill_9_three_times() {
     let started = std::time::Instant::now();
     let dir = temp_dir("crash");
     let cfg = write_config(&dir);
-    let out = cli(&cfg, &["platform", "add", USER, "--password-stdin"], &format!("{PASSWORD}\n")).await;
+    let out = cli(&cfg, &["platform", "add", USER, "--password-stdin", "--role", "publisher"], &format!("{PASSWORD}\n")).await;
     assert!(out.status.success(), "platform add: {out:?}");
     let ca = dir.join("data/tls/ca.pem");
 

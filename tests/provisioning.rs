@@ -127,8 +127,16 @@ async fn platforms_are_provisioned_offline_then_served_and_revoked_live() {
     g.running.take().unwrap().shutdown().await; // keeps the directory, unlike g.shutdown()
     drop(g); // releases the database lock
 
-    // Offline again: list shows the state, survived restart.
-    let (ok, out) = cli(&cfgp, &["platform", "list"], None);
+    // Offline again: list shows the state, survived restart. The server's
+    // background tasks release the database a moment after shutdown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ok, out) = loop {
+        let (ok, out) = cli(&cfgp, &["platform", "list"], None);
+        if ok || !out.contains("in use") || Instant::now() > deadline {
+            break (ok, out);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(ok && out.lines().any(|l| l.starts_with("sensor1@") && l.contains("revoked")), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -235,7 +235,16 @@ fn ids(prefix: &str, r: std::ops::RangeInclusive<usize>) -> Vec<String> {
 
 /// A grid with the platforms `users`, all with password "pw".
 async fn grid(name: &str, users: &[&str], tweak: impl FnOnce(&mut xmpp_grid::config::Config)) -> TestGrid {
-    let g = start(name, tweak).await;
+    // No alerts topic and no honeytoken bait: these tests count the topics they create.
+    let policies = temp_dir(&format!("{name}-policies"));
+    xmpp_grid::authz::cedar::install_defaults(&policies).unwrap();
+    std::fs::write(policies.join("topics.toml"), "honeytokens = []\n[kinds]\n\"urn:ietf:params:xml:ns:iodef-2.0\" = \"incident\"\n").unwrap();
+    let g = start(name, |c| {
+        c.policies.alerts_topic = String::new();
+        c.policies.dir = policies;
+        tweak(c)
+    })
+    .await;
     for u in users {
         g.add(u, "pw");
     }

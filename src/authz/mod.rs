@@ -1,11 +1,18 @@
 //! The authorization seam: the core asks before every action, "may principal P do
 //! action A on resource R in context C?", and obeys the answer.
 //!
-//! Cedar policies answer in production (a later step); until then the controller
-//! runs with [`AllowAll`]. Nothing outside this module decides access.
+//! Cedar policies answer in production ([`cedar::CedarAuthorizer`], policies in
+//! `policies/`); [`AllowAll`] serves tests and grids without policies. Nothing
+//! outside this module decides access.
+
+pub mod cedar;
+pub mod entities;
 
 use crate::jid::BareJid;
 use std::net::IpAddr;
+
+pub use cedar::{CedarAuthorizer, Explanation, PolicyError, ReloadReport};
+pub use entities::PlatformFacts;
 
 /// What a platform is trying to do. Broker actions name the Topic they act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +31,8 @@ pub enum Action {
     Retrieve,
     /// Owner management of a Topic's subscriptions and affiliations.
     ManageSubscriptions,
+    /// Administer the controller (XEP-0133 commands, admin socket); resource: the controller.
+    Admin,
 }
 
 impl Action {
@@ -40,7 +49,34 @@ impl Action {
             Action::Subscribe => "subscribe",
             Action::Retrieve => "retrieve",
             Action::ManageSubscriptions => "manage-subscriptions",
+            Action::Admin => "admin",
         }
+    }
+
+    /// Every action, in declaration order.
+    pub const ALL: [Action; 12] = [
+        Action::Connect,
+        Action::Discover,
+        Action::Create,
+        Action::Configure,
+        Action::Delete,
+        Action::Purge,
+        Action::Publish,
+        Action::Retract,
+        Action::Subscribe,
+        Action::Retrieve,
+        Action::ManageSubscriptions,
+        Action::Admin,
+    ];
+
+    /// The action of a policy name ("publish", "manage-subscriptions", ...).
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Controller actions act on the controller, the others on a Topic.
+    pub fn on_controller(self) -> bool {
+        matches!(self, Action::Connect | Action::Admin)
     }
 }
 
@@ -79,7 +115,12 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
+    /// Ids of the determining policies: the satisfied forbids of a denial, the
+    /// satisfied permits of an allowance; empty for a denial that no policy permits.
     pub reasons: Vec<String>,
+    /// A determining policy carries `@honeytoken`: the caller raises an alert
+    /// (audit record, alerts topic, optionally disabling the platform).
+    pub honeytoken: bool,
 }
 
 /// Anything that can decide.
@@ -92,6 +133,6 @@ pub struct AllowAll;
 
 impl Authorize for AllowAll {
     fn authorize(&self, _request: &Request<'_>) -> Decision {
-        Decision { allowed: true, reasons: vec!["allow-all".into()] }
+        Decision { allowed: true, reasons: vec!["allow-all".into()], honeytoken: false }
     }
 }

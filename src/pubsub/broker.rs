@@ -38,6 +38,8 @@ enum Cmd {
     Internal(Request, tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
     /// Saves delivery cursors and answers once everything before it is durable.
     Sync(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
+    /// Policies or platforms changed: end the subscriptions no longer allowed.
+    Recheck,
 }
 
 /// The broker as the router sees it.
@@ -75,6 +77,11 @@ impl Broker {
         if self.presence.send(Cmd::Sync(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Re-checks every subscription against the current policies (never blocks).
+    pub fn recheck(&self) {
+        let _ = self.presence.send(Cmd::Recheck);
     }
 
     /// Runs a request as the controller itself (not a platform), e.g. to create
@@ -203,6 +210,21 @@ impl<S: BrokerStore + 'static> Task<S> {
         match cmd {
             Cmd::Stanza(session, stanza) => self.stanza(session, stanza),
             Cmd::Presence(session, available) => self.presence(&session, available),
+            Cmd::Recheck => {
+                let login = crate::authz::Context {
+                    authn: String::new(),
+                    tls_version: "",
+                    source: std::net::IpAddr::from([0, 0, 0, 0]),
+                };
+                match self.svc.recheck_subscriptions(&login) {
+                    Ok(deliveries) if !deliveries.is_empty() => {
+                        tracing::info!(ended = deliveries.len(), "subscriptions ended by policy");
+                        self.pending.push(Pending { reply: None, internal: None, deliveries });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("re-checking subscriptions: {e}"),
+                }
+            }
             Cmd::Sync(tx) => {
                 self.persist_cursors();
                 self.pending.push(Pending { reply: None, internal: Some((tx, Reply::Empty)), deliveries: Vec::new() });

@@ -979,6 +979,26 @@ impl<S: BrokerStore> Service<S> {
         self.nodes.get(node).map_or(0, NodeState::last_seq)
     }
 
+    /// Asks again whether every subscription is still allowed (after policies or
+    /// platforms changed) and ends those that are not, telling their subscribers.
+    /// `login` stands in for the session facts the policies may consult.
+    pub fn recheck_subscriptions(&mut self, login: &authz::Context) -> Result<Vec<Delivery>, PubsubError> {
+        let subs: Vec<SubRecord> = self.subs.values().cloned().collect();
+        let mut out = Vec::new();
+        for s in subs {
+            let ctx = Ctx { actor: Actor::Platform(s.owner.clone()), login: Some(login), now_ms: 0 };
+            if self.ask(&ctx, Action::Subscribe, &s.node).is_ok() {
+                continue;
+            }
+            self.drop_sub(&s.subid)?;
+            out.push(Delivery {
+                event: Event::Subscription { node: s.node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: None },
+                to: vec![Target { jid: s.jid, owner: s.owner, subid: None }],
+            });
+        }
+        Ok(out)
+    }
+
     /// Records delivery progress of a subscription (persisted with the next flush).
     pub fn set_delivered(&mut self, subid: &str, seq: u64) -> Result<(), PubsubError> {
         if let Some(s) = self.subs.get_mut(subid) {
@@ -1061,7 +1081,11 @@ mod tests {
                 .0
                 .iter()
                 .any(|(p, a, t)| *p == r.principal.to_string() && *a == r.action && Some(t.as_str()) == r.topic.map(|t| t.name));
-            authz::Decision { allowed: !denied, reasons: vec![if denied { "table-deny" } else { "table-allow" }.into()] }
+            authz::Decision {
+                allowed: !denied,
+                reasons: vec![if denied { "table-deny" } else { "table-allow" }.into()],
+                honeytoken: false,
+            }
         }
     }
 

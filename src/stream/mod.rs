@@ -216,6 +216,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Outbound>,
     idle: Duration,
     rates: &std::sync::Mutex<PlatformRate>,
+    audit: &crate::audit::AuditSink,
 ) -> Result<(), ConnError> {
     conn.deadline = Instant::now() + idle;
     // `<message to='our-jid'`: the start of every notification serialized once for many.
@@ -230,7 +231,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Some(Event::Stanza(s))) => {
                     let publish = is_publish(&s);
                     router.route(handle, s)?;
-                    throttle(conn, handle, rates, 1, usize::from(publish), 0)?;
+                    throttle(conn, handle, rates, audit, 1, usize::from(publish), 0)?;
                 }
                 Ok(Some(Event::Close)) => return Err(ConnError::Closed),
                 Ok(Some(Event::Open(_))) => {
@@ -283,7 +284,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
             r = conn.read_more(), if paused.is_none() => {
                 let n = r?;
                 conn.deadline = Instant::now() + idle;
-                throttle(conn, handle, rates, 0, 0, n)?;
+                throttle(conn, handle, rates, audit, 0, 0, n)?;
             }
         }
     }
@@ -303,6 +304,7 @@ fn throttle<S>(
     conn: &mut XmlConn<S>,
     handle: &SessionHandle,
     rates: &std::sync::Mutex<PlatformRate>,
+    audit: &crate::audit::AuditSink,
     stanzas: usize,
     publishes: usize,
     bytes: usize,
@@ -310,6 +312,11 @@ fn throttle<S>(
     let c = rates.lock().unwrap_or_else(|p| p.into_inner()).charge(stanzas, publishes, bytes);
     if c.episode_started {
         tracing::warn!(platform = %handle.jid.bare(), "rate limit reached: reads paused");
+        audit.record(
+            crate::audit::Kind::RateLimit,
+            handle.jid.bare().to_string(),
+            crate::audit::fields([("action", "throttled"), ("source", &handle.context.source.to_string())]),
+        );
     }
     if c.abuse {
         return Err(StreamError::with_text(StreamCondition::PolicyViolation, "rate limits exceeded for too long").into());

@@ -4,6 +4,7 @@
 
 use super::parser::{Event, Limits as ParserLimits, Parser, StreamHeader};
 use super::{session_loop, ConnError, XmlConn};
+use crate::audit::{self, Kind};
 use crate::authz::{self, Action};
 use crate::error::{StanzaError, StreamCondition, StreamError};
 use crate::jid::{normalize_local, BareJid};
@@ -187,11 +188,21 @@ async fn secure_stream(
     let decision = grid.authz.authorize(&authz::Request { principal: &jid, action: Action::Connect, topic: None, context: &actx });
     if !decision.allowed {
         tracing::info!(%peer, %jid, "login denied by policy");
+        grid.audit.record(
+            Kind::Denial,
+            jid.to_string(),
+            audit::fields([("action", "connect".to_string()), ("source", peer.ip().to_string()), ("policies", decision.reasons.join(","))]),
+        );
         conn.send(&sasl_failure(SaslFailure::NotAuthorized)).await?;
         return Err(ConnError::Closed);
     }
     conn.send(&Element::new("success", ns::SASL).with_text(success_text(&success_data))).await?;
     tracing::info!(%peer, %jid, mechanism = mech.name(), tls = tls_version, "login");
+    grid.audit.record(
+        Kind::LoginOk,
+        jid.to_string(),
+        audit::fields([("source", peer.ip().to_string()), ("mechanism", mech.name().to_string()), ("tls", tls_version.to_string())]),
+    );
 
     // RFC 6120 §6.4.6: the stream restarts after success.
     conn.parser.restart();
@@ -237,12 +248,13 @@ async fn secure_stream(
     };
     let idle = Duration::from_secs(grid.cfg.limits.idle_timeout_secs);
     let rates = grid.rates.for_platform(&jid.to_string(), grid.cfg.rate_limits.for_roles(&roles));
-    let r = session_loop(conn, &grid.router, &handle, &mut rx, idle, &rates).await;
+    let r = session_loop(conn, &grid.router, &handle, &mut rx, idle, &rates, &grid.audit).await;
     grid.router.session_ended(&handle);
     let abusive = rates.lock().unwrap_or_else(|p| p.into_inner()).abusive();
     if abusive {
         // RFC 8600 §8.3.1: a misbehaving platform may be disabled automatically.
         tracing::warn!(%jid, "platform disabled after sustained rate-limit excess");
+        grid.audit.record(Kind::PlatformDisabled, jid.to_string(), audit::fields([("reason", "sustained rate-limit excess")]));
         let g = grid.clone();
         let name = local.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -302,6 +314,15 @@ async fn authenticate(
                 let delay = grid.throttle.failure(&[&ip_key, &acct_key]);
                 tracing::info!(%peer, user = authcid.as_deref().unwrap_or(""), mechanism = mech.name(),
                     "login failed: {}", failure.condition());
+                grid.audit.record(
+                    Kind::LoginFailed,
+                    authcid.as_deref().map_or_else(|| "(unknown)".to_string(), |u| format!("{u}@{}", grid.domain)),
+                    audit::fields([
+                        ("source", peer.ip().to_string()),
+                        ("mechanism", mech.name().to_string()),
+                        ("reason", failure.condition().to_string()),
+                    ]),
+                );
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }

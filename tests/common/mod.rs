@@ -63,19 +63,26 @@ pub async fn start_with(cfg: Config, dir: PathBuf) -> TestGrid {
 }
 
 impl TestGrid {
-    /// Provisions a platform with a password (empty: certificate-only).
+    /// Provisions a platform with a password (empty: certificate-only), with the
+    /// shipped `publisher` and `subscriber` roles so that it may use the broker.
     pub fn add(&self, name: &str, password: &str) {
+        self.add_with_roles(name, password, &["publisher", "subscriber"]);
+    }
+
+    /// Provisions a platform with exactly these roles; the policies learn it at once.
+    pub fn add_with_roles(&self, name: &str, password: &str, roles: &[&str]) {
         let credentials = (!password.is_empty()).then(|| xmpp_grid::sasl::derive_credentials(password, 4096).unwrap());
         let acc = Account {
             credentials,
-            roles: vec![],
+            roles: roles.iter().map(|r| r.to_string()).collect(),
             templates: vec![],
             read_only: false,
             revoked: false,
             cert_serials: vec![],
             created: 0,
         };
-        self.grid.store.add_accounts(&[(name.to_string(), acc)]).unwrap();
+        self.grid.store.add_accounts(&[(name.to_string(), acc.clone())]).unwrap();
+        self.grid.platforms_changed(std::iter::once((name, &acc)));
     }
 
     pub fn ca_path(&self) -> PathBuf {
