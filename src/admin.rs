@@ -11,6 +11,7 @@ use crate::audit::{self, AuditError, AuditLog, Kind, Record, Verdict};
 use crate::config::Config;
 use crate::error::{StreamCondition, StreamError};
 use crate::jid::{normalize_local, BareJid};
+use crate::ns;
 use crate::server::Grid;
 use crate::store::{Account, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -294,5 +295,155 @@ impl Admin {
             AdminResponse::Error { message } => Err(AdminError::Refused(message)),
             r => Ok(r),
         }
+    }
+}
+
+/// XEP-0133 service administration over XEP-0050 ad-hoc commands: today
+/// `disable-user`, the revocation of platforms in one step. Only what the
+/// policies allow as `admin` (shipped: the admin role, certificate login only).
+pub struct Commands {
+    grid: std::sync::Weak<Grid>,
+}
+
+/// The XEP-0133 node of "Disable a User".
+pub const DISABLE_USER: &str = "http://jabber.org/protocol/admin#disable-user";
+
+impl Commands {
+    pub fn new(grid: &Arc<Grid>) -> Arc<Commands> {
+        Arc::new(Commands { grid: Arc::downgrade(grid) })
+    }
+}
+
+impl crate::router::Commands for Commands {
+    fn execute(&self, session: &Arc<crate::session::SessionHandle>, iq: crate::xml::Element) {
+        use crate::error::StanzaError;
+        use crate::xml::Element;
+        let Some(grid) = self.grid.upgrade() else { return };
+        let Some(cmd) = iq.child("command", ns::COMMANDS).cloned() else { return };
+        let fail = |e: StanzaError| {
+            if let Some(mut r) = e.reply_to(&iq) {
+                r.set_attr("from", grid.domain.to_string());
+                let _ = session.deliver(bytes::Bytes::from(r.to_bytes(ns::CLIENT)));
+            }
+        };
+        let decision = grid.authz.authorize(&crate::authz::Request {
+            principal: session.jid.bare(),
+            action: crate::authz::Action::Admin,
+            topic: None,
+            context: &session.context,
+        });
+        if !decision.allowed {
+            return fail(StanzaError::new("forbidden"));
+        }
+        if cmd.attr("node") != Some(DISABLE_USER) {
+            return fail(StanzaError::new("item-not-found").text("unknown command"));
+        }
+        let reply = CommandReply {
+            from: grid.domain.to_string(),
+            to: session.jid.to_string(),
+            id: iq.attr("id").map(str::to_string),
+            sessionid: cmd.attr("sessionid").map(str::to_string).unwrap_or_else(crate::pubsub::service::random_id),
+        };
+        if cmd.attr("action") == Some("cancel") {
+            let _ = session.deliver(reply.render("canceled", Vec::new()));
+            return;
+        }
+        let Some(form) = cmd.child("x", ns::DATA).filter(|x| x.attr("type") == Some("submit")) else {
+            // Stage one: the form (XEP-0133 §4.3).
+            let actions = Element::new("actions", ns::COMMANDS)
+                .with_attr("execute", "complete")
+                .with_child(Element::new("complete", ns::COMMANDS));
+            let x = Element::new("x", ns::DATA)
+                .with_attr("type", "form")
+                .with_child(Element::new("title", ns::DATA).with_text("Disabling a platform"))
+                .with_child(
+                    Element::new("field", ns::DATA)
+                        .with_attr("type", "hidden")
+                        .with_attr("var", "FORM_TYPE")
+                        .with_child(Element::new("value", ns::DATA).with_text(ns::ADMIN)),
+                )
+                .with_child(
+                    Element::new("field", ns::DATA)
+                        .with_attr("type", "jid-multi")
+                        .with_attr("var", "accountjids")
+                        .with_attr("label", "The platforms to disable")
+                        .with_child(Element::new("required", ns::DATA)),
+                );
+            let _ = session.deliver(reply.render("executing", vec![actions, x]));
+            return;
+        };
+        let jids: Vec<String> = form
+            .elements()
+            .filter(|f| f.attr("var") == Some("accountjids"))
+            .flat_map(|f| f.elements().filter(|v| v.name == "value").map(|v| v.text()))
+            .collect();
+        let mut names = Vec::new();
+        for j in &jids {
+            match BareJid::parse(j.trim()) {
+                Ok(b) if b.domain_part() == grid.domain.domain_part() && b.local().is_some() => {
+                    names.push(b.local().unwrap_or_default().to_string())
+                }
+                _ => return fail(StanzaError::new("bad-request").text(format!("not a platform of this grid: {j}"))),
+            }
+        }
+        if names.is_empty() {
+            return fail(StanzaError::new("bad-request").text("accountjids is required"));
+        }
+        let session = session.clone();
+        tokio::spawn(async move {
+            let g = grid.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                names.into_iter().map(|n| (n.clone(), apply(&g.cfg, &g.store, Some(&g), AdminRequest::Revoke { name: n }))).collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let failed: Vec<String> = done
+                .iter()
+                .filter_map(|(n, r)| match r {
+                    AdminResponse::Error { message } => Some(format!("{n}: {message}")),
+                    _ => None,
+                })
+                .collect();
+            grid.audit.record(
+                Kind::Admin,
+                session.jid.bare().to_string(),
+                audit::fields([("action", "xep-0133 disable-user".to_string()), ("platforms", jids.join(","))]),
+            );
+            let (kind, text) = if failed.is_empty() {
+                ("info", format!("Disabled {} platform(s); their sessions have ended.", done.len()))
+            } else {
+                ("error", format!("Not all disabled: {}", failed.join("; ")))
+            };
+            let note = Element::new("note", ns::COMMANDS).with_attr("type", kind).with_text(text);
+            let _ = session.deliver(reply.render("completed", vec![note]));
+        });
+    }
+}
+
+/// The addressing of one command's replies.
+struct CommandReply {
+    from: String,
+    to: String,
+    id: Option<String>,
+    sessionid: String,
+}
+
+impl CommandReply {
+    fn render(&self, status: &str, children: Vec<crate::xml::Element>) -> bytes::Bytes {
+        use crate::xml::Element;
+        let mut r = Element::new("iq", ns::CLIENT).with_attr("type", "result").with_attr("from", &self.from);
+        r.set_attr("to", &self.to);
+        if let Some(id) = &self.id {
+            r.set_attr("id", id);
+        }
+        let mut c = Element::new("command", ns::COMMANDS)
+            .with_attr("node", DISABLE_USER)
+            .with_attr("sessionid", &self.sessionid)
+            .with_attr("status", status);
+        for ch in children {
+            c.push(ch);
+        }
+        r.push(c);
+        bytes::Bytes::from(r.to_bytes(ns::CLIENT))
     }
 }

@@ -16,3 +16,8 @@ pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 /// XEP-0203 delayed delivery stamps.
 pub const DELAY: &str = "urn:xmpp:delay";
+/// XEP-0050 ad-hoc commands (carrying XEP-0133 service administration).
+pub const COMMANDS: &str = "http://jabber.org/protocol/commands";
+/// XEP-0133 command node prefix and form type.
+pub const ADMIN: &str = "http://jabber.org/protocol/admin";
+pub const DATA: &str = "jabber:x:data";

@@ -25,6 +25,12 @@ pub trait Component: Send + Sync {
     fn presence(&self, session: &Arc<SessionHandle>, available: bool);
 }
 
+/// XEP-0050 ad-hoc commands at the domain (XEP-0133 service administration).
+pub trait Commands: Send + Sync {
+    /// Handles an `<iq type='set'><command/></iq>` to the domain; answers the session itself.
+    fn execute(&self, session: &Arc<SessionHandle>, iq: Element);
+}
+
 /// Routes stanzas of bound sessions.
 pub struct Router {
     domain: BareJid,
@@ -32,20 +38,26 @@ pub struct Router {
     /// Component JIDs known to the grid (listed in disco#items even before they start).
     services: Vec<(BareJid, String)>,
     components: RwLock<HashMap<BareJid, Arc<dyn Component>>>,
+    commands: RwLock<Option<Arc<dyn Commands>>>,
 }
 
 /// Features the controller itself implements, advertised in disco#info on the domain.
-const SERVER_FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING];
+const SERVER_FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING, ns::COMMANDS];
 
 impl Router {
     /// `services`: JID and human name of each service below the domain.
     pub fn new(domain: BareJid, sessions: Arc<Sessions>, services: Vec<(BareJid, String)>) -> Self {
-        Router { domain, sessions, services, components: RwLock::new(HashMap::new()) }
+        Router { domain, sessions, services, components: RwLock::new(HashMap::new()), commands: RwLock::new(None) }
     }
 
     /// Plugs a component in at `jid`.
     pub fn register(&self, jid: BareJid, component: Arc<dyn Component>) {
         self.components.write().unwrap_or_else(|p| p.into_inner()).insert(jid, component);
+    }
+
+    /// Plugs in the domain's ad-hoc commands.
+    pub fn set_commands(&self, commands: Arc<dyn Commands>) {
+        *self.commands.write().unwrap_or_else(|p| p.into_inner()) = Some(commands);
     }
 
     pub fn sessions(&self) -> &Arc<Sessions> {
@@ -192,11 +204,19 @@ impl Router {
     }
 
     /// Stanzas to the domain itself: the controller's own services.
-    fn to_server(&self, session: &SessionHandle, stanza: Element) {
+    fn to_server(&self, session: &Arc<SessionHandle>, stanza: Element) {
         if stanza.name != "iq" || matches!(stanza.attr("type"), Some("result") | Some("error")) {
             return; // messages and presence to the server are not processed
         }
         let Some(child) = stanza.elements().next() else { return };
+        if child.ns == ns::COMMANDS && child.name == "command" && stanza.attr("type") == Some("set") {
+            let commands = self.commands.read().unwrap_or_else(|p| p.into_inner()).clone();
+            match commands {
+                Some(c) => c.execute(session, stanza),
+                None => self.reply_error(session, &stanza, StanzaError::new("service-unavailable")),
+            }
+            return;
+        }
         let node = child.attr("node");
         let payload = match (stanza.attr("type"), child.ns.as_str(), child.name.as_str()) {
             (Some("get"), ns::PING, "ping") => Some(None),

@@ -228,6 +228,7 @@ pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
     let jid = BareJid::domain(&broker_jid).map_err(|e| ServerError::Broker(e.to_string()))?;
     grid.router.register(jid, broker.clone());
     let _ = grid.broker.set(broker.clone());
+    grid.router.set_commands(crate::admin::Commands::new(&grid));
     start_policy_watch(&grid, broker.clone());
     let alerts = grid.alerts.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(rx) = alerts {

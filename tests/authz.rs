@@ -105,3 +105,45 @@ async fn a_policy_file_change_takes_effect_within_two_seconds_and_ends_subscript
     assert!(lines.iter().any(|l| l.contains("policy-reload") && l.contains("\"ok\"")), "{lines:?}");
     g.shutdown().await;
 }
+
+const CMD: &str = "http://jabber.org/protocol/commands";
+
+fn disable_user_submit(jid: &str) -> String {
+    format!(
+        "<iq type='set' id='x2' to='grid.test'><command xmlns='{CMD}' node='http://jabber.org/protocol/admin#disable-user' sessionid='s1'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/admin</value></field><field var='accountjids'><value>{jid}</value></field></x></command></iq>"
+    )
+}
+
+#[tokio::test]
+async fn xep_0133_disable_user_revokes_at_once_for_an_admin_with_a_certificate_only() {
+    let g = grid("az-xep0133").await;
+    g.add_with_roles("boss", "pw", &["admin"]);
+    g.add("victim", "pw");
+    let (mut victim, _) = login(&g, "victim", "pw", "v").await;
+
+    // The admin role with a password login: refused (RFC 8600 §8.3.3).
+    let (mut pw_admin, _) = login(&g, "boss", "pw", "pw").await;
+    pw_admin.send(&disable_user_submit("victim@grid.test")).await;
+    let r = pw_admin.read_until("</iq>").await;
+    assert!(r.contains("<forbidden"), "{r}");
+
+    // With a certificate: the form, then the revocation.
+    let issued = xmpp_grid::pki::issue_client_cert(&g.grid.cfg.tls_dir(), "boss@grid.test", 30).unwrap();
+    let cfg = client_config(&g.ca_path(), Some((&issued.cert_pem, &issued.key_pem)), rustls::DEFAULT_VERSIONS);
+    let (mut c, _) = starttls_with(&g, cfg).await;
+    c.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>").await;
+    c.read_until("<success").await;
+    c.read_until(">").await;
+    let (mut admin, _) = bind(c, "cert").await;
+    admin.send(&format!("<iq type='set' id='x1' to='grid.test'><command xmlns='{CMD}' node='http://jabber.org/protocol/admin#disable-user' action='execute'/></iq>")).await;
+    let form = admin.read_until("</iq>").await;
+    assert!(form.contains("status='executing'") && form.contains("var='accountjids'"), "{form}");
+    let t = std::time::Instant::now();
+    admin.send(&disable_user_submit("victim@grid.test")).await;
+    let done = admin.read_until("</iq>").await;
+    assert!(done.contains("status='completed'") && done.contains("Disabled 1 platform"), "{done}");
+    let gone = victim.read_to_close().await;
+    assert!(gone.contains("platform revoked"), "{gone}");
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    g.shutdown().await;
+}
