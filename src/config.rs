@@ -112,11 +112,14 @@ pub struct Policies {
     pub alerts_topic: String,
     /// Disable a platform at once when it touches a honeytoken (RFC 8600 §8.3.2).
     pub honeytoken_disables_platform: bool,
+    /// false: every authenticated platform may do anything XEP-0060 allows
+    /// (benchmarks and development only; a warning is logged).
+    pub enforce: bool,
 }
 
 impl Default for Policies {
     fn default() -> Self {
-        Policies { dir: "policies".into(), alerts_topic: "grid-alerts".into(), honeytoken_disables_platform: false }
+        Policies { dir: "policies".into(), alerts_topic: "grid-alerts".into(), honeytoken_disables_platform: false, enforce: true }
     }
 }
 
@@ -440,6 +443,7 @@ max_subscriptions_per_platform = 1000
 dir = "policies"                    # Cedar schema, policies, templates, topics.toml; hot-reloaded
 alerts_topic = "grid-alerts"        # the grid's own IODEF alerts (honeytoken hits); "" for none
 honeytoken_disables_platform = false
+enforce = true                      # false: no policies at all (benchmarks, development)
 
 [plugins]
 dir = "plugins"
