@@ -6,15 +6,17 @@
 //!     [--concurrency C] [--runs R] [--import N] [--kx x25519|default]
 //! ```
 //!
-//! 1. Logins per second: each login is TCP connect + STARTTLS + a full TLS handshake
-//!    (client resumption disabled) + SASL SCRAM-SHA-256 (no channel binding, `n,,`)
-//!    + resource bind, then `</stream:stream>` and close_notify. Closed loop with
+//! 1. Logins per second: each login is TCP connect, STARTTLS, a full TLS handshake
+//!    (client resumption disabled), SASL SCRAM-SHA-256 (no channel binding, `n,,`)
+//!    and resource bind, then `</stream:stream>` and close_notify. Closed loop with
 //!    `--concurrency` logins in flight, `--logins` per run, median of `--runs` runs,
 //!    after one warm-up run. The client caches SaltedPassword per (salt, iterations),
 //!    as RFC 5802 §5.1 allows, so the load generator does no PBKDF2 in timed runs.
+//!    Server CPU per login comes from `/proc/PID/stat`, the client's from getrusage.
 //! 2. Memory per idle session: VmRSS of the server process before and after opening
 //!    `--idle` sessions (STARTTLS, SCRAM-SHA-256, bind, initial presence), divided by
-//!    their number. Measured first, on a freshly started server.
+//!    their number. Measured first, on a freshly started server; the server is then
+//!    restarted on the same data for the login runs.
 //!
 //! Servers: `ours` runs `target/release/xmpp-grid` (built first with `cargo build
 //! --release --bin xmpp-grid` when missing or older than the sources) in a temporary
@@ -137,7 +139,7 @@ fn raise_nofile() -> u64 {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-            return r.rlim_cur as u64;
+            return r.rlim_cur;
         }
     }
     0

@@ -26,7 +26,8 @@
 //! One warm-up run, then `--runs` timed runs of each; the table shows medians. The
 //! generator is one thread (tokio current_thread); its CPU time comes from getrusage, the
 //! server's from /proc/PID/stat. Servers: `ours` runs the release binary built with this
-//! bench (`XG_BENCH_BIN` overrides) in a temporary directory; peers are started with their
+//! bench (`XG_BENCH_BIN` overrides; `XG_BENCH_TOML` is appended to its config) in a
+//! temporary directory; peers are started with their
 //! scripts on free ports with a private state dir and accounts added with `adduser.sh -n`.
 //! Every server started is stopped at the end, also on error, timeout or Ctrl-C.
 
@@ -297,6 +298,20 @@ fn ours_binary() -> PathBuf {
     std::env::var_os("XG_BENCH_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_xmpp-grid")))
 }
 
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for e in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        let t = to.join(e.file_name());
+        if e.file_type().map_err(|e| e.to_string())?.is_dir() {
+            copy_dir(&e.path(), &t)?;
+        } else {
+            std::fs::copy(e.path(), &t).map_err(|x| format!("{}: {x}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn start_ours(opts: &Opts) -> Result<Server> {
     let bin = ours_binary();
     let dir = temp_dir("ours")?;
@@ -304,12 +319,17 @@ fn start_ours(opts: &Opts) -> Result<Server> {
     let cfg = dir.join("grid.toml");
     // Like the peers (no rate limiting, no per-address cap): read rate 1 GiB/s, many
     // connections per address. The outbound queue stays at its default (1024).
+    // Authorization as in production: a snapshot of the repository's Cedar policies,
+    // platform1 with the roles publisher and subscriber, the others subscriber.
+    copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies"), &dir.join("policies"))?;
     std::fs::write(
         &cfg,
         format!(
             "domain = \"{DOMAIN}\"\ndata_dir = \"data\"\n\n[listen]\nstarttls = \"127.0.0.1:{port}\"\ndirect_tls = \"\"\n\n\
              [broker]\ndefault_access_model = \"open\"\n\n\
-             [limits]\nmax_connections_per_ip = 100000\nmax_connections = 100000\nread_rate_bytes_per_sec = 1073741824\n"
+             [limits]\nmax_connections_per_ip = 100000\nmax_connections = 100000\nread_rate_bytes_per_sec = 1073741824\n\n{}\n",
+            // For experiments, e.g. XG_BENCH_TOML=$'[policies]\nenforce = false'.
+            std::env::var("XG_BENCH_TOML").unwrap_or_default()
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -319,7 +339,8 @@ fn start_ours(opts: &Opts) -> Result<Server> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).map_err(|e| e.to_string())?);
         writeln!(f, "name,password,roles,templates").map_err(|e| e.to_string())?;
         for i in 1..=n {
-            writeln!(f, "{PREFIX}{i},{PASSWORD},,").map_err(|e| e.to_string())?;
+            let roles = if i == 1 { "publisher;subscriber" } else { "subscriber" };
+            writeln!(f, "{PREFIX}{i},{PASSWORD},{roles},").map_err(|e| e.to_string())?;
         }
     }
     let out = Command::new(&bin)
@@ -637,6 +658,8 @@ struct Run {
     /// Write time of each publish, ns since `base` (0: not yet).
     sent_ns: Vec<AtomicU64>,
     delivered: Vec<AtomicU32>,
+    /// Ack time of each publish, ns since `base` (0: not yet).
+    ack_ns: Vec<AtomicU64>,
     /// Items delivered to every subscriber.
     complete: AtomicUsize,
     acked: AtomicUsize,
@@ -657,6 +680,7 @@ impl Run {
             base: Instant::now(),
             sent_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
             delivered: (0..items).map(|_| AtomicU32::new(0)).collect(),
+            ack_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
             complete: AtomicUsize::new(0),
             acked: AtomicUsize::new(0),
             total: AtomicU64::new(0),
@@ -669,6 +693,29 @@ impl Run {
 
     fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
+    }
+
+    fn ack(&self, seq: usize) {
+        if let Some(a) = self.ack_ns.get(seq)
+            && a.load(Ordering::Relaxed) == 0
+        {
+            a.store(self.now_ns().max(1), Ordering::Relaxed);
+            self.acked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.odd.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Publish-to-ack times in µs of the first `n` publishes, sorted.
+    fn ack_latencies(&self, n: usize) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n.min(self.ack_ns.len()))
+            .filter_map(|i| {
+                let a = self.ack_ns[i].load(Ordering::Relaxed);
+                (a > 0).then(|| (a.saturating_sub(self.sent_ns[i].load(Ordering::Relaxed)) / 1000) as u32)
+            })
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     fn deliver(&self, seq: usize, now: u64) {
@@ -730,33 +777,18 @@ async fn subscriber(mut conn: Xml<Tls>, name: String, shared: Arc<Shared>) {
         let mut pos = 0;
         let mut keep_from = None;
         while let Some(i) = finder.find(&buf[pos..]) {
-            let s = pos + i + MARKER.len();
-            // <run>.<seq> then a non-digit
-            let mut j = s;
-            let mut run_id: u64 = 0;
-            while j < buf.len() && buf[j].is_ascii_digit() {
-                run_id = run_id * 10 + (buf[j] - b'0') as u64;
-                j += 1;
-            }
-            if j >= buf.len() {
-                keep_from = Some(pos + i);
-                break;
-            }
-            if buf[j] != b'.' {
-                pos = j;
-                continue;
-            }
-            j += 1;
-            let mut seq: u64 = 0;
-            while j < buf.len() && buf[j].is_ascii_digit() {
-                seq = seq * 10 + (buf[j] - b'0') as u64;
-                j += 1;
-            }
-            if j >= buf.len() {
-                keep_from = Some(pos + i);
-                break;
-            }
-            pos = j;
+            let (run_id, seq, end) = match run_seq(&buf, pos + i + MARKER.len()) {
+                Ok(x) => x,
+                Err(None) => {
+                    keep_from = Some(pos + i);
+                    break;
+                }
+                Err(Some(j)) => {
+                    pos = j;
+                    continue;
+                }
+            };
+            pos = end;
             if run.as_ref().map(|r| r.id as u64) != Some(run_id) {
                 run = shared.current.lock().unwrap().clone();
             }
@@ -772,35 +804,73 @@ async fn subscriber(mut conn: Xml<Tls>, name: String, shared: Arc<Shared>) {
 }
 
 /// The publisher's read side: counts IQ results (acks); an error reply ends the run.
+/// `<run>.<seq>` at `buf[at..]`: the numbers and where they end, `Err(None)` if the
+/// buffer ends first, `Err(Some(i))` if it is not that shape (resume at `i`).
+fn run_seq(buf: &[u8], at: usize) -> std::result::Result<(u64, u64, usize), Option<usize>> {
+    let mut j = at;
+    let num = |j: &mut usize| {
+        let mut v: u64 = 0;
+        while *j < buf.len() && buf[*j].is_ascii_digit() {
+            v = v.wrapping_mul(10).wrapping_add((buf[*j] - b'0') as u64);
+            *j += 1;
+        }
+        v
+    };
+    let run = num(&mut j);
+    match buf.get(j) {
+        None => return Err(None),
+        Some(b'.') => j += 1,
+        Some(_) => return Err(Some(j)),
+    }
+    let seq = num(&mut j);
+    if j >= buf.len() { Err(None) } else { Ok((run, seq, j)) }
+}
+
+/// The publisher's read side: each result to `p<run>.<seq>` acknowledges that publish;
+/// an error reply ends the run.
 async fn ack_reader<R: AsyncRead + Unpin>(mut rd: R, mut buf: Vec<u8>, shared: Arc<Shared>, errors: Arc<Mutex<Option<String>>>) {
-    let results = [memmem::Finder::new(b"type='result'"), memmem::Finder::new(b"type=\"result\"")];
+    let ids = [memmem::Finder::new(b"id='p"), memmem::Finder::new(b"id=\"p")];
     let errs = [memmem::Finder::new(b"type='error'"), memmem::Finder::new(b"type=\"error\"")];
     let mut run: Option<Arc<Run>> = None;
     loop {
-        // Count whole matches only; keep a tail that may hold a split one.
-        let mut acks = 0;
-        let mut pos = 0;
-        for f in &results {
-            for i in f.find_iter(&buf) {
-                acks += 1;
-                pos = pos.max(i + f.needle().len());
-            }
-        }
         if errs.iter().any(|f| f.find(&buf).is_some()) {
             errors.lock().unwrap().get_or_insert(format!("publish error: {}", String::from_utf8_lossy(&buf)));
-            if let Some(r) = &run {
+            if let Some(r) = shared.current.lock().unwrap().clone() {
                 r.progress.notify_one();
             }
         }
-        if acks > 0 {
-            let cur = shared.current.lock().unwrap().clone();
-            if let Some(r) = cur {
-                r.acked.fetch_add(acks, Ordering::Relaxed);
-                r.progress.notify_one();
-                run = Some(r);
+        let mut pos = 0;
+        let mut incomplete = None;
+        let mut acked = false;
+        for f in &ids {
+            let mut from = 0;
+            while let Some(i) = f.find(&buf[from..]).map(|i| i + from) {
+                match run_seq(&buf, i + f.needle().len()) {
+                    Err(None) => {
+                        incomplete = Some(incomplete.map_or(i, |x: usize| x.min(i)));
+                        break;
+                    }
+                    Err(Some(j)) => from = j,
+                    Ok((r, seq, end)) => {
+                        from = end;
+                        pos = pos.max(end);
+                        if run.as_ref().map(|x| x.id as u64) != Some(r) {
+                            run = shared.current.lock().unwrap().clone();
+                        }
+                        if let Some(x) = &run
+                            && x.id as u64 == r
+                        {
+                            x.ack(seq as usize);
+                            acked = true;
+                        }
+                    }
+                }
             }
         }
-        let keep = buf.len().saturating_sub(16).max(pos);
+        if acked && let Some(r) = &run {
+            r.progress.notify_one();
+        }
+        let keep = incomplete.unwrap_or_else(|| buf.len().saturating_sub(5).max(pos));
         buf.drain(..keep);
         if buf.capacity() - buf.len() < 8192 {
             buf.reserve(8192);
@@ -839,6 +909,9 @@ struct Open {
     samples: usize,
     /// Deliveries still missing `--drain-secs` after a saturated run.
     missing: usize,
+    /// Publish-to-ack (IQ result) latency: the server's publish path including its store.
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
     /// Publishes sent / (first publish .. last delivery); the worst lag behind schedule.
     sustained_rate: f64,
     max_lag_ms: f64,
@@ -1001,7 +1074,8 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
     let mut lat = std::mem::take(&mut *run.lat.as_ref().unwrap().lock().unwrap());
     lat.sort_unstable();
     let n = lat.len() + missing;
-    let pct = |q: f64| lat.get(((n as f64 * q) as usize).min(n.saturating_sub(1))).map_or(f64::INFINITY, |&v| v as f64 / 1e3);
+    let pct = |q: f64| pct_of(&lat, n, q);
+    let acks = run.ack_latencies(sent);
     let busy_secs = (run.last_ns.load(Ordering::Relaxed).saturating_sub(first_ns)) as f64 / 1e9;
     Ok(Open {
         p50_ms: pct(0.5),
@@ -1009,6 +1083,8 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
         max_ms: if missing > 0 { f64::INFINITY } else { lat.last().copied().unwrap_or(0) as f64 / 1e3 },
         samples: lat.len(),
         missing,
+        ack_p50_ms: pct_of(&acks, sent, 0.5),
+        ack_p99_ms: pct_of(&acks, sent, 0.99),
         sustained_rate: sent as f64 / busy_secs.max(1e-9),
         max_lag_ms: max_lag.as_secs_f64() * 1e3,
         saturated,
@@ -1156,7 +1232,7 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
                     }
                 };
                 eprintln!(
-                    "[{}] open run {}: {} deliveries ({} missing), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; sustained {:.0} publishes/s (max lag {:.1} ms){}, \
+                    "[{}] open run {}: {} deliveries ({} missing), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; ack p50 {:.2} ms p99 {:.2} ms; sustained {:.0} publishes/s (max lag {:.1} ms){}, \
                      server CPU {:.2} s, generator CPU {:.2} s in {:.1} s",
                     srv.name,
                     r + 1,
@@ -1165,6 +1241,8 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
                     o.p50_ms,
                     o.p99_ms,
                     o.max_ms,
+                    o.ack_p50_ms,
+                    o.ack_p99_ms,
                     o.sustained_rate,
                     o.max_lag_ms,
                     o.saturated.map(|t| format!(", SATURATED after {t:.2} s")).unwrap_or_default(),
@@ -1217,6 +1295,11 @@ async fn run_one(name: &str, opts: &Opts) -> Result<Report> {
     r
 }
 
+/// Quantile `q` in ms of sorted µs samples out of `n` expected (missing ones: infinite).
+fn pct_of(sorted_us: &[u32], n: usize, q: f64) -> f64 {
+    sorted_us.get(((n as f64 * q) as usize).min(n.saturating_sub(1))).map_or(f64::INFINITY, |&v| v as f64 / 1e3)
+}
+
 /// Milliseconds for the table; infinite = some deliveries never arrived.
 fn ms(v: f64) -> String {
     if v.is_finite() { format!("{v:.2}") } else { "∞ (undelivered)".into() }
@@ -1260,18 +1343,20 @@ fn print_table(reps: &[Report], opts: &Opts) {
             opts.rate as usize * opts.lat_secs as usize * opts.lat_subs,
             opts.runs
         );
-        println!("| server | p50 ms | p99 ms | max ms | p99 of runs | sustained publishes/s | server CPU % | generator CPU % |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| server | p50 ms | p99 ms | max ms | p99 of runs | ack p50 / p99 ms | sustained publishes/s | server CPU % | generator CPU % |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in reps.iter().filter(|r| !r.open.is_empty()) {
             let med = |f: fn(&Open) -> f64| median(r.open.iter().map(f).collect());
             let sat = r.open.iter().filter(|o| o.saturated.is_some()).count();
             println!(
-                "| {} | {} | {} | {} | {} | {:.0}{} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} / {} | {:.0}{} | {:.0} | {:.0} |",
                 r.name,
                 ms(med(|o| o.p50_ms)),
                 ms(med(|o| o.p99_ms)),
                 ms(med(|o| o.max_ms)),
                 r.open.iter().map(|o| ms(o.p99_ms)).collect::<Vec<_>>().join(", "),
+                ms(med(|o| o.ack_p50_ms)),
+                ms(med(|o| o.ack_p99_ms)),
                 med(|o| o.sustained_rate),
                 if sat > 0 { format!(" (saturated in {sat} of {} runs)", r.open.len()) } else { String::new() },
                 median(r.open.iter().map(|o| o.server_cpu * 100.0 / o.wall).collect()),

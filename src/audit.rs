@@ -589,13 +589,22 @@ fn dropped_entry(dropped: &[AtomicU64; KINDS]) -> Option<Entry> {
 /// The single writer: waits for an event, takes whatever else is queued (up
 /// to `MAX_BATCH`), appends it as one batch and flushes on the blocking pool.
 /// Events arriving meanwhile form the next batch (group commit).
+/// How long the writer waits for more records before one append and flush.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+
 async fn writer(log: AuditLog, mut rx: mpsc::Receiver<Msg>, dropped: Arc<[AtomicU64; KINDS]>) {
     let mut closed = false;
     while !closed {
         let mut entries = Vec::new();
         let mut waiters = Vec::new();
         match rx.recv().await {
-            Some(Msg::Entry(e)) => entries.push(e),
+            Some(Msg::Entry(e)) => {
+                entries.push(e);
+                // Group commit: gather what arrives within a few milliseconds into
+                // one append and one flush (a login rate of thousands per second
+                // must not mean thousands of flushes).
+                tokio::time::sleep(COALESCE).await;
+            }
             Some(Msg::Flush(w)) => waiters.push(w),
             None => closed = true,
         }

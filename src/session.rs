@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use crate::authz;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::{mpsc, Notify};
+use std::collections::VecDeque;
+use tokio::sync::Notify;
 
 /// One entry of a session's outbound queue.
 #[derive(Debug)]
@@ -44,7 +45,7 @@ pub struct SessionHandle {
     pub jid: FullJid,
     /// How the platform logged in (for authorization decisions on its requests).
     pub context: authz::Context,
-    tx: mpsc::Sender<Outbound>,
+    queue: Arc<Queue>,
     close_reason: Mutex<Option<StreamError>>,
     close_signal: Notify,
     /// Sent available presence (RFC 6121 §4.2); unavailable sessions get no bare-JID messages.
@@ -64,17 +65,22 @@ pub enum DeliverError {
 impl SessionHandle {
     /// Queues a stanza without waiting.
     pub fn deliver(&self, stanza: impl Into<Outbound>) -> Result<(), DeliverError> {
-        match self.tx.try_send(stanza.into()) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(DeliverError::Closed),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(StreamError::with_text(
-                    StreamCondition::PolicyViolation,
-                    "outbound queue full: the client reads too slowly",
-                ));
-                Err(DeliverError::TooSlow)
-            }
+        if !self.queue.open.load(Ordering::Acquire) {
+            return Err(DeliverError::Closed);
         }
+        let mut items = self.queue.items.lock().unwrap_or_else(|p| p.into_inner());
+        if items.len() >= self.queue.cap {
+            drop(items);
+            self.close(StreamError::with_text(
+                StreamCondition::PolicyViolation,
+                "outbound queue full: the client reads too slowly",
+            ));
+            return Err(DeliverError::TooSlow);
+        }
+        items.push_back(stanza.into());
+        drop(items);
+        self.queue.ready.notify_one();
+        Ok(())
     }
 
     /// Asks the session's task to end the stream with `error`. The first reason wins.
@@ -99,7 +105,8 @@ impl SessionHandle {
 
     /// Free places in the outbound queue (catch-up pauses instead of overflowing it).
     pub fn free_slots(&self) -> usize {
-        self.tx.capacity()
+        let len = self.queue.items.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.queue.cap.saturating_sub(len)
     }
 
     pub fn set_presence(&self, available: bool, priority: i32) {
@@ -116,6 +123,54 @@ impl SessionHandle {
     }
 }
 
+/// A session's bounded outbound queue. Unlike a channel it allocates nothing
+/// until something is queued, and gives its memory back when drained: idle
+/// sessions must stay small.
+struct Queue {
+    items: Mutex<VecDeque<Outbound>>,
+    cap: usize,
+    ready: Notify,
+    /// False once the session's task dropped its [`Outbox`].
+    open: AtomicBool,
+}
+
+/// The receiving end of a session's queue, owned by its connection task.
+pub struct Outbox {
+    queue: Arc<Queue>,
+}
+
+/// Capacity kept by a drained queue; more is given back.
+const QUEUE_KEEP: usize = 16;
+
+impl Outbox {
+    /// The next queued stanza. Cancel-safe: nothing is taken until it is returned.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            if let Some(o) = self.try_recv() {
+                return Some(o);
+            }
+            self.queue.ready.notified().await;
+        }
+    }
+
+    /// A queued stanza, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let mut items = self.queue.items.lock().unwrap_or_else(|p| p.into_inner());
+        let o = items.pop_front();
+        if items.is_empty() && items.capacity() > QUEUE_KEEP {
+            *items = VecDeque::new();
+        }
+        o
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.queue.open.store(false, Ordering::Release);
+        self.queue.items.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 /// All bound sessions of the controller.
 #[derive(Default)]
 pub struct Sessions {
@@ -127,13 +182,14 @@ impl Sessions {
     /// Binds `jid`: a session already holding that resource is closed with
     /// `<conflict/>` (RFC 6120 §7.7.2.2, the override policy). Returns the handle and
     /// the receiving end of the new session's queue of `queue` stanzas.
-    pub fn bind(&self, jid: FullJid, queue: usize, context: authz::Context) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue);
+    pub fn bind(&self, jid: FullJid, queue: usize, context: authz::Context) -> (Arc<SessionHandle>, Outbox) {
+        let queue = Arc::new(Queue { items: Mutex::new(VecDeque::new()), cap: queue, ready: Notify::new(), open: AtomicBool::new(true) });
+        let rx = Outbox { queue: queue.clone() };
         let handle = Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             jid,
             context,
-            tx,
+            queue,
             close_reason: Mutex::new(None),
             close_signal: Notify::new(),
             available: AtomicBool::new(false),

@@ -714,7 +714,7 @@ mod tests {
     }
 
     impl Fx {
-        fn bind(&self, full: &str, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+        fn bind(&self, full: &str, queue: usize) -> (Arc<SessionHandle>, crate::session::Outbox) {
             let (b, r) = full.split_once('/').unwrap();
             self.sessions.bind(bare(b).with_resource(r).unwrap(), queue, login())
         }
@@ -726,7 +726,7 @@ mod tests {
 
     /// What arrives within `quiet` of the previous stanza, as text; acks are
     /// raised as the session does once it has written a stanza.
-    async fn drain(rx: &mut mpsc::Receiver<Outbound>, quiet: Duration) -> Vec<String> {
+    async fn drain(rx: &mut crate::session::Outbox, quiet: Duration) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(Some(o)) = tokio::time::timeout(quiet, rx.recv()).await {
             out.push(match o {

@@ -19,7 +19,7 @@ use crate::xml::Element;
 use parser::{Event, Parser};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How a connection ended, or must end.
@@ -82,8 +82,9 @@ impl XmlConn<()> {
     }
 }
 
-/// Largest write buffer kept between writes; larger ones are released.
-const OUT_KEEP: usize = 2048;
+/// Largest write buffer kept between writes; larger ones are released (an
+/// idle session should hold no buffer at all).
+const OUT_KEEP: usize = 256;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
     pub fn new(io: S, parser: Parser, rate: ReadRate, deadline: Instant, shutdown: watch::Receiver<bool>, domain: String) -> Self {
@@ -101,7 +102,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlConn<S> {
             self.resume_at = None;
         }
         let buf = self.parser.buffer_mut();
-        buf.reserve(4096);
+        // An idle connection waits with a small buffer; a stanza in progress reads in
+        // large steps (rustls has the bytes decrypted already: this is a copy).
+        buf.reserve(if buf.is_empty() { 512 } else { 8192 });
         let n = tokio::select! {
             r = tokio::time::timeout_at(self.deadline, self.io.read_buf(buf)) => match r {
                 Ok(r) => r?,
@@ -213,7 +216,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut XmlConn<S>,
     router: &Router,
     handle: &std::sync::Arc<SessionHandle>,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut crate::session::Outbox,
     idle: Duration,
     rates: &std::sync::Mutex<PlatformRate>,
     audit: &crate::audit::AuditSink,
@@ -268,7 +271,7 @@ pub async fn session_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                     if conn.out.len() < 64 * 1024 {
-                        next = rx.try_recv().ok();
+                        next = rx.try_recv();
                     }
                 }
                 // A client that stops reading must not pin us in write_all: a close

@@ -43,7 +43,7 @@ pub async fn handle(grid: Arc<Grid>, tcp: TcpStream, peer: SocketAddr, direct_tl
         conn.into_io()
     } else {
         let mut conn = conn;
-        if let Err(e) = starttls(&mut conn, &grid).await {
+        if let Err(e) = Box::pin(starttls(&mut conn, &grid)).await {
             end(&mut conn, e, &peer).await;
             return;
         }
@@ -58,7 +58,10 @@ pub async fn handle(grid: Arc<Grid>, tcp: TcpStream, peer: SocketAddr, direct_tl
         conn.into_io()
     };
     let config = if direct_tls { tls_state.direct.clone() } else { tls_state.starttls.clone() };
-    let tls = match tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept_with(tcp, crate::tls::tune_connection)).await {
+    // Negotiation futures are boxed: their state is freed before the session
+    // starts, so an idle session's task stays small.
+    let accept = Box::pin(tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept_with(tcp, crate::tls::tune_connection)));
+    let tls = match accept.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -122,7 +125,7 @@ fn features() -> Element {
 /// The plaintext phase: header, `<starttls><required/></starttls>`, `<proceed/>`.
 async fn starttls(conn: &mut XmlConn<TcpStream>, grid: &Grid) -> Result<(), ConnError> {
     let f = features().with_child(Element::new("starttls", ns::TLS).with_child(Element::new("required", ns::TLS)));
-    open_stream(conn, grid, f).await?;
+    Box::pin(open_stream(conn, grid, f)).await?;
     let s = conn.next_stanza().await?;
     if s.name != "starttls" || s.ns != ns::TLS {
         return Err(StreamError::with_text(StreamCondition::PolicyViolation, "STARTTLS is required").into());
@@ -175,9 +178,9 @@ async fn secure_stream(
     if ctx.bindings.any() {
         f.push(cb); // XEP-0440: the element must list at least one type
     }
-    open_stream(conn, grid, f).await?;
+    Box::pin(open_stream(conn, grid, f)).await?;
 
-    let (local, mech, success_data) = authenticate(conn, grid, &ctx, &offered, peer).await?;
+    let (local, mech, success_data) = Box::pin(authenticate(conn, grid, &ctx, &offered, peer)).await?;
     let jid = BareJid::new(&local, grid.domain.domain_part())
         .map_err(|_| StreamError::new(StreamCondition::InternalServerError))?;
     let actx = authz::Context {
@@ -209,7 +212,7 @@ async fn secure_stream(
     let f = features()
         .with_child(Element::new("bind", ns::BIND))
         .with_child(Element::new("session", ns::SESSION).with_child(Element::new("optional", ns::SESSION)));
-    open_stream(conn, grid, f).await?;
+    Box::pin(open_stream(conn, grid, f)).await?;
 
     let roles: Vec<String>;
     let (handle, mut rx) = loop {
@@ -371,14 +374,20 @@ async fn run_exchange(
                 }
             }
         };
-        // SCRAM steps are cheap, PLAIN costs a PBKDF2: keep both off the async workers.
-        let (ex, step) = tokio::task::spawn_blocking(move || {
-            let step = exchange.step(&input);
-            (exchange, step)
-        })
-        .await
-        .map_err(|_| StreamError::new(StreamCondition::InternalServerError))?;
-        exchange = ex;
+        // A SCRAM step costs microseconds and runs here; PLAIN costs a PBKDF2 and
+        // goes to the blocking pool, away from the async workers.
+        let step = if mech == Mechanism::Plain {
+            let (ex, step) = tokio::task::spawn_blocking(move || {
+                let step = exchange.step(&input);
+                (exchange, step)
+            })
+            .await
+            .map_err(|_| StreamError::new(StreamCondition::InternalServerError))?;
+            exchange = ex;
+            step
+        } else {
+            exchange.step(&input)
+        };
         match step {
             Step::Challenge(c) => {
                 conn.send(&Element::new("challenge", ns::SASL).with_text(B64.encode(c))).await?;
