@@ -27,7 +27,8 @@
 //! generator is one thread (tokio current_thread); its CPU time comes from getrusage, the
 //! server's from /proc/PID/stat. Servers: `ours` runs the release binary built with this
 //! bench (`XG_BENCH_BIN` overrides; `XG_BENCH_TOML` is appended to its config) in a
-//! temporary directory; peers are started with their
+//! temporary directory (under `TMPDIR`); `XG_BENCH_DUMP=DIR` writes each open-loop
+//! publish's send and ack times there; peers are started with their
 //! scripts on free ports with a private state dir and accounts added with `adduser.sh -n`.
 //! Every server started is stopped at the end, also on error, timeout or Ctrl-C.
 
@@ -168,7 +169,7 @@ fn raise_nofile() -> u64 {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-            return r.rlim_cur as u64;
+            return r.rlim_cur;
         }
     }
     0
@@ -191,6 +192,12 @@ fn proc_cpu(pid: u32) -> Option<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+}
+
+/// Write system calls (write, writev, ...) a process has made: `syscw` of /proc/PID/io.
+fn proc_syscw(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("syscw:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -462,6 +469,8 @@ fn start_peer(name: &str, opts: &Opts) -> Result<Server> {
 const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>";
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+/// Subscribers logged in and subscribed, by index, waiting for the measurement.
+type Ready = Arc<Mutex<Vec<(usize, Xml<Tls>)>>>;
 
 /// An XML stream read as bytes: just enough to negotiate and wait for replies.
 struct Xml<S> {
@@ -900,6 +909,8 @@ struct Closed {
     server_cpu: f64,
     gen_cpu: f64,
     acks_secs: f64,
+    /// Server write system calls per delivery.
+    writes_per_delivery: f64,
 }
 
 struct Open {
@@ -919,6 +930,7 @@ struct Open {
     saturated: Option<f64>,
     /// First publish .. everything delivered and acknowledged.
     wall: f64,
+    writes_per_delivery: f64,
     server_cpu: f64,
     gen_cpu: f64,
 }
@@ -954,6 +966,7 @@ async fn closed_run(
     let run = Run::new(run_id, items, opts.subs, false);
     *shared.current.lock().unwrap() = Some(run.clone());
     let cpu0 = (proc_cpu(pid).unwrap_or(0.0), self_cpu());
+    let w0 = proc_syscw(pid);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.run_secs);
     let mut first_ns = None;
     let mut sent = 0;
@@ -1011,7 +1024,8 @@ async fn closed_run(
     if odd > 0 {
         eprintln!("  {odd} unexpected deliveries (duplicates?)");
     }
-    Ok(Closed { items: sent, rate: want as f64 / secs, secs, server_cpu: cpu1.0 - cpu0.0, gen_cpu: cpu1.1 - cpu0.1, acks_secs })
+    let writes_per_delivery = proc_syscw(pid).saturating_sub(w0) as f64 / want.max(1) as f64;
+    Ok(Closed { items: sent, rate: want as f64 / secs, secs, server_cpu: cpu1.0 - cpu0.0, gen_cpu: cpu1.1 - cpu0.1, acks_secs, writes_per_delivery })
 }
 
 /// Publishes at a fixed rate; every delivery's latency is recorded. A server that
@@ -1023,6 +1037,7 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
     let run = Run::new(run_id, items, opts.lat_subs, true);
     *shared.current.lock().unwrap() = Some(run.clone());
     let cpu0 = (proc_cpu(pid).unwrap_or(0.0), self_cpu());
+    let w0 = proc_syscw(pid);
     let interval_ns = 1_000_000_000 / opts.rate;
     let backlog_max = (opts.rate as usize / 4).max(10);
     let start = tokio::time::Instant::now();
@@ -1070,12 +1085,22 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
     // What never arrived counts as later than anything that did.
     let missing = want.saturating_sub(run.total.load(Ordering::Relaxed)) as usize;
     let wall = start.elapsed().as_secs_f64();
+    let writes = proc_syscw(pid).saturating_sub(w0);
     let cpu1 = (proc_cpu(pid).unwrap_or(0.0), self_cpu());
     let mut lat = std::mem::take(&mut *run.lat.as_ref().unwrap().lock().unwrap());
     lat.sort_unstable();
     let n = lat.len() + missing;
     let pct = |q: f64| pct_of(&lat, n, q);
     let acks = run.ack_latencies(sent);
+    // For diagnosis: XG_BENCH_DUMP=DIR writes each publish's send and ack times (ms).
+    if let Ok(dir) = std::env::var("XG_BENCH_DUMP") {
+        let mut out = String::from("seq sent_ms ack_ms\n");
+        for i in 0..sent {
+            let (s, a) = (run.sent_ns[i].load(Ordering::Relaxed), run.ack_ns[i].load(Ordering::Relaxed));
+            out.push_str(&format!("{i} {:.3} {:.3}\n", s as f64 / 1e6, a as f64 / 1e6));
+        }
+        let _ = std::fs::write(Path::new(&dir).join(format!("acks-run{run_id}.txt")), out);
+    }
     let busy_secs = (run.last_ns.load(Ordering::Relaxed).saturating_sub(first_ns)) as f64 / 1e9;
     Ok(Open {
         p50_ms: pct(0.5),
@@ -1089,6 +1114,7 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
         max_lag_ms: max_lag.as_secs_f64() * 1e3,
         saturated,
         wall,
+        writes_per_delivery: writes as f64 / run.total.load(Ordering::Relaxed).max(1) as f64,
         server_cpu: cpu1.0 - cpu0.0,
         gen_cpu: cpu1.1 - cpu0.1,
     })
@@ -1132,7 +1158,7 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
     let n = opts.connections();
     eprintln!("[{}] {n} subscribers logging in ({} in flight)", srv.name, opts.setup_concurrency);
     let next = Arc::new(AtomicUsize::new(0));
-    let ready: Arc<Mutex<Vec<(usize, Xml<Tls>)>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let ready: Ready = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut tasks = Vec::new();
     for _ in 0..opts.setup_concurrency.min(n) {
         let (conn, next, ready, opts) = (conn.clone(), next.clone(), ready.clone(), opts.clone());
@@ -1198,14 +1224,17 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
                 run_id += 1;
                 let c = closed_run(&mut p, shared, srv.pid, run_id, opts, opts.items, &parts).await?;
                 eprintln!(
-                    "[{}] closed run {}: {:.0} deliveries/s ({:.2} s; acks done at {:.2} s), server CPU {:.2} s, generator CPU {:.2} s",
+                    "[{}] closed run {}: {} items, {:.0} deliveries/s ({:.2} s; acks done at {:.2} s), server CPU {:.2} s, generator CPU {:.2} s, \
+                     {:.2} server writes/delivery",
                     srv.name,
                     r + 1,
+                    c.items,
                     c.rate,
                     c.secs,
                     c.acks_secs,
                     c.server_cpu,
-                    c.gen_cpu
+                    c.gen_cpu,
+                    c.writes_per_delivery
                 );
                 rep.closed.push(c);
             }
@@ -1233,7 +1262,7 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
                 };
                 eprintln!(
                     "[{}] open run {}: {} deliveries ({} missing), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; ack p50 {:.2} ms p99 {:.2} ms; sustained {:.0} publishes/s (max lag {:.1} ms){}, \
-                     server CPU {:.2} s, generator CPU {:.2} s in {:.1} s",
+                     server CPU {:.2} s, generator CPU {:.2} s in {:.1} s, {:.2} server writes/delivery",
                     srv.name,
                     r + 1,
                     o.samples,
@@ -1248,7 +1277,8 @@ async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result
                     o.saturated.map(|t| format!(", SATURATED after {t:.2} s")).unwrap_or_default(),
                     o.server_cpu,
                     o.gen_cpu,
-                    o.wall
+                    o.wall,
+                    o.writes_per_delivery
                 );
                 let saturated = o.saturated.is_some();
                 rep.open.push(o);
@@ -1316,12 +1346,14 @@ fn print_table(reps: &[Report], opts: &Opts) {
             if opts.until_delivered { "delivered" } else { "ack" },
             opts.runs
         );
-        println!("| server | deliveries/s | runs | items/run | wall s/run | server CPU s/run | server CPU µs/delivery | generator CPU s/run |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| server | deliveries/s | runs | items/run | wall s/run | server CPU s/run | server CPU µs/delivery | server writes/delivery | generator CPU s/run |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in reps.iter().filter(|r| !r.closed.is_empty()) {
             let med = |f: fn(&Closed) -> f64| median(r.closed.iter().map(f).collect());
             println!(
-                "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 r.name,
                 med(|c| c.rate),
                 r.closed.iter().map(|c| format!("{:.0}", c.rate)).collect::<Vec<_>>().join(", "),
@@ -1329,6 +1361,7 @@ fn print_table(reps: &[Report], opts: &Opts) {
                 med(|c| c.secs),
                 med(|c| c.server_cpu),
                 median(r.closed.iter().map(|c| c.server_cpu * 1e6 / (c.items * opts.subs) as f64).collect()),
+                med(|c| c.writes_per_delivery),
                 med(|c| c.gen_cpu),
             );
         }

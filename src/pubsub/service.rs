@@ -2479,7 +2479,20 @@ mod tests {
 
     /// A service on a sled store in `dir`; its Db closes when the service is dropped.
     fn sled_fx(dir: &TempDir) -> Fx<SledStore> {
-        let db = sled::open(&dir.0).unwrap();
+        // sled's flusher thread of a just-dropped handle may hold the file lock a
+        // moment longer (seen on a loaded machine): retry briefly.
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(&dir.0) {
+                Ok(db) => break db,
+                Err(e) if tries < 100 => {
+                    let _ = e;
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.0.display()),
+            }
+        };
         let store = SledStore::new(&db).unwrap();
         let svc = Service::open(store, Arc::new(Table::default()), Limits::default(), AccessModel::Open).unwrap();
         Fx { svc, login: login(), now: T0 }
