@@ -677,14 +677,13 @@ impl<S: BrokerStore> Service<S> {
                 to: owners.into_iter().map(|o| Target { jid: o.to_string(), owner: o, subid: None }).collect(),
             }),
             SubState::Subscribed => {
-                if let (true, Some(seq)) = (send_last, last) {
-                    if let Some(item) = self.store.get_item(&node, seq).map_err(storage)? {
+                if let (true, Some(seq)) = (send_last, last)
+                    && let Some(item) = self.store.get_item(&node, seq).map_err(storage)? {
                         out.deliveries.push(Delivery {
                             event: Event::Items { node: node.clone(), items: vec![item] },
                             to: vec![target(&sub)],
                         });
                     }
-                }
             }
         }
         self.subs.insert(sub.subid.clone(), sub);
@@ -694,11 +693,10 @@ impl<S: BrokerStore> Service<S> {
     /// The actor's subscription on `node` for `jid` (and `subid` when several could match).
     fn find_sub(&self, ctx: &Ctx, node: &NodeId, jid: &Jid, subid: Option<&str>) -> Result<&SubRecord, PubsubError> {
         let n = self.node(node)?;
-        if let Actor::Platform(me) = &ctx.actor {
-            if jid.bare() != me && self.affiliation(ctx, n) != Affiliation::Owner {
+        if let Actor::Platform(me) = &ctx.actor
+            && jid.bare() != me && self.affiliation(ctx, n) != Affiliation::Owner {
                 return Err(PubsubError::Forbidden);
             }
-        }
         let jid_s = jid.to_string();
         let mine: Vec<&SubRecord> = n.subs.iter().filter_map(|id| self.subs.get(id)).filter(|s| s.jid == jid_s).collect();
         match subid {
@@ -1001,12 +999,11 @@ impl<S: BrokerStore> Service<S> {
 
     /// Records delivery progress of a subscription (persisted with the next flush).
     pub fn set_delivered(&mut self, subid: &str, seq: u64) -> Result<(), PubsubError> {
-        if let Some(s) = self.subs.get_mut(subid) {
-            if seq > s.delivered {
+        if let Some(s) = self.subs.get_mut(subid)
+            && seq > s.delivered {
                 s.delivered = seq;
                 self.store.put_sub(s).map_err(storage)?;
             }
-        }
         Ok(())
     }
 }
