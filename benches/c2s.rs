@@ -27,6 +27,9 @@
 //! Environment: `XG_BENCH_BIN` uses that server binary instead (no build);
 //! `XG_BENCH_WRAP="env MALLOC_ARENA_MAX=2"` prefixes the server command (must exec).
 
+mod common;
+use common::*;
+
 use aws_lc_rs::{digest, hmac, pbkdf2, rand};
 use base64::Engine as _;
 use std::collections::HashMap;
@@ -37,19 +40,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-type Result<T> = std::result::Result<T, String>;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const DOMAIN: &str = "grid.test";
 const PASSWORD: &str = "secret";
 const PREFIX: &str = "platform";
 const PEERS: &str = "/work/shared/peers";
-/// Bound for one protocol step (a read or a connect).
-const STEP: Duration = Duration::from_secs(30);
-
 // ---------------------------------------------------------------- options
 
 #[derive(Clone, Debug)]
@@ -132,29 +130,6 @@ impl Opts {
 
 // ---------------------------------------------------------------- process helpers
 
-fn raise_nofile() -> u64 {
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-            return r.rlim_cur;
-        }
-    }
-    0
-}
-
-/// Our own CPU time (user + system), seconds.
-fn self_cpu() -> f64 {
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
-}
-
 /// CPU time (user + system) of our waited-for children, seconds.
 fn children_cpu() -> f64 {
     unsafe {
@@ -163,50 +138,6 @@ fn children_cpu() -> f64 {
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         tv(u.ru_utime) + tv(u.ru_stime)
     }
-}
-
-/// CPU time (user + system) of a process, seconds.
-fn proc_cpu(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-}
-
-fn proc_status(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    proc_status(pid, "VmRSS:")
-}
-
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
-
-fn wait_port(port: u16, within: Duration, alive: impl Fn() -> bool) -> Result<()> {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        if !alive() {
-            return Err(format!("server exited before opening port {port}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("port {port} not open after {within:?}"))
-}
-
-fn temp_dir(tag: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("xg-bench-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
-    Ok(d)
 }
 
 // ---------------------------------------------------------------- servers
@@ -408,7 +339,7 @@ fn ours_binary() -> Result<PathBuf> {
 
 fn start_ours(opts: &Opts) -> Result<Server> {
     let bin = ours_binary()?;
-    let dir = temp_dir("ours")?;
+    let dir = temp_dir("bench", "ours")?;
     let port = free_port()?;
     let cfg = dir.join("grid.toml");
     std::fs::write(
@@ -463,32 +394,9 @@ fn start_ours(opts: &Opts) -> Result<Server> {
     Ok(srv)
 }
 
-fn parse_state(path: &Path) -> Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut m = HashMap::new();
-    for line in text.lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            // printf %q: backslash escapes, or $'...' for control characters (not expected here).
-            let mut s = String::new();
-            let mut chars = v.chars();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        s.push(n);
-                    }
-                } else {
-                    s.push(c);
-                }
-            }
-            m.insert(k.to_string(), s);
-        }
-    }
-    Ok(m)
-}
-
 fn start_peer(name: &str, opts: &Opts) -> Result<Server> {
     let script_dir = Path::new(PEERS).join(name);
-    let state_dir = temp_dir(&format!("{name}-state"))?;
+    let state_dir = temp_dir("bench", &format!("{name}-state"))?;
     let n = opts.accounts();
     let mut env = vec![
         ("PEER_AUTH".to_string(), "scram-sha-256".to_string()),
@@ -536,52 +444,6 @@ fn start_peer(name: &str, opts: &Opts) -> Result<Server> {
 }
 
 // ---------------------------------------------------------------- XMPP client
-
-const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>";
-
-struct Xml<S> {
-    io: S,
-    buf: Vec<u8>,
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    if n.is_empty() {
-        return Some(0);
-    }
-    h.windows(n.len()).position(|w| w == n)
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Xml<S> {
-    async fn send(&mut self, s: &str) -> Result<()> {
-        self.io.write_all(s.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-        self.io.flush().await.map_err(|e| format!("flush: {e}"))
-    }
-
-    /// Reads until `end` appears after `start`; returns the text up to `end` inclusive
-    /// and keeps the rest. A SASL failure or stream error ends the wait early.
-    async fn until(&mut self, start: &str, end: &str) -> Result<String> {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            if let Some(i) = find(&self.buf, start.as_bytes())
-                && let Some(j) = find(&self.buf[i..], end.as_bytes())
-            {
-                let rest = self.buf.split_off(i + j + end.len());
-                let got = std::mem::replace(&mut self.buf, rest);
-                return Ok(String::from_utf8_lossy(&got).into_owned());
-            }
-            if find(&self.buf, b"<failure").is_some() || find(&self.buf, b"stream:error").is_some() {
-                return Err(format!("server said: {}", String::from_utf8_lossy(&self.buf)));
-            }
-            let mut b = [0u8; 4096];
-            match tokio::time::timeout_at(deadline, self.io.read(&mut b)).await {
-                Err(_) => return Err(format!("timeout waiting for {start}..{end}; got {:?}", String::from_utf8_lossy(&self.buf))),
-                Ok(Err(e)) => return Err(format!("read: {e}")),
-                Ok(Ok(0)) => return Err(format!("closed waiting for {start}; got {:?}", String::from_utf8_lossy(&self.buf))),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&b[..n]),
-            }
-        }
-    }
-}
 
 /// The text content of the first element named `name` in `s` (empty if self-closing).
 fn element_text(s: &str, name: &str) -> String {
@@ -945,11 +807,6 @@ struct Report {
     runs: Vec<RunResult>,
     idle: Option<IdleResult>,
     note: String,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 async fn bench_server(srv: &mut Server, opts: &Opts) -> Result<Report> {

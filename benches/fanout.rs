@@ -32,19 +32,19 @@
 //! scripts on free ports with a private state dir and accounts added with `adduser.sh -n`.
 //! Every server started is stopped at the end, also on error, timeout or Ctrl-C.
 
+mod common;
+use common::*;
+
 use memchr::memmem;
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-
-type Result<T> = std::result::Result<T, String>;
 
 const DOMAIN: &str = "grid.test";
 const BROKER: &str = "broker.grid.test";
@@ -52,8 +52,6 @@ const PASSWORD: &str = "secret";
 const PREFIX: &str = "platform";
 const PEERS: &str = "/work/shared/peers";
 const IODEF_NS: &str = "urn:ietf:params:xml:ns:iodef-2.0";
-/// Bound for one protocol step during setup (a read or a connect).
-const STEP: Duration = Duration::from_secs(30);
 /// In each item's IncidentID: `FANOUT-<run>.<seq>`.
 const MARKER: &[u8] = b"FANOUT-";
 const PAYLOAD_BYTES: usize = 1024;
@@ -162,73 +160,10 @@ impl Opts {
 
 // ---------------------------------------------------------------- process helpers
 
-fn raise_nofile() -> u64 {
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-            return r.rlim_cur;
-        }
-    }
-    0
-}
-
-/// Our own CPU time (user + system), seconds.
-fn self_cpu() -> f64 {
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
-}
-
-/// CPU time (user + system) of a process, seconds.
-fn proc_cpu(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-}
-
 /// Write system calls (write, writev, ...) a process has made: `syscw` of /proc/PID/io.
 fn proc_syscw(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
     s.lines().find_map(|l| l.strip_prefix("syscw:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-}
-
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
-
-fn wait_port(port: u16, within: Duration, alive: impl Fn() -> bool) -> Result<()> {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        if !alive() {
-            return Err(format!("server exited before opening port {port}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("port {port} not open after {within:?}"))
-}
-
-fn temp_dir(tag: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("xg-fanout-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
-    Ok(d)
 }
 
 fn loadavg() -> String {
@@ -321,7 +256,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 fn start_ours(opts: &Opts) -> Result<Server> {
     let bin = ours_binary();
-    let dir = temp_dir("ours")?;
+    let dir = temp_dir("fanout", "ours")?;
     let port = free_port()?;
     let cfg = dir.join("grid.toml");
     // Like the peers (no rate limiting, no per-address cap): read rate 1 GiB/s, many
@@ -388,32 +323,9 @@ fn start_ours(opts: &Opts) -> Result<Server> {
     Ok(srv)
 }
 
-fn parse_state(path: &Path) -> Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut m = HashMap::new();
-    for line in text.lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            // printf %q: backslash escapes.
-            let mut s = String::new();
-            let mut chars = v.chars();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        s.push(n);
-                    }
-                } else {
-                    s.push(c);
-                }
-            }
-            m.insert(k.to_string(), s);
-        }
-    }
-    Ok(m)
-}
-
 fn start_peer(name: &str, opts: &Opts) -> Result<Server> {
     let script_dir = Path::new(PEERS).join(name);
-    let state_dir = temp_dir(&format!("{name}-state"))?;
+    let state_dir = temp_dir("fanout", &format!("{name}-state"))?;
     let mut env = vec![("PEER_PORT".to_string(), free_port()?.to_string())];
     if name == "ejabberd" {
         env.push(("PEER_DIST_PORT".into(), free_port()?.to_string()));
@@ -466,95 +378,9 @@ fn start_peer(name: &str, opts: &Opts) -> Result<Server> {
 
 // ---------------------------------------------------------------- XMPP client (setup)
 
-const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>";
-
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// Subscribers logged in and subscribed, by index, waiting for the measurement.
 type Ready = Arc<Mutex<Vec<(usize, Xml<Tls>)>>>;
-
-/// An XML stream read as bytes: just enough to negotiate and wait for replies.
-struct Xml<S> {
-    io: S,
-    buf: Vec<u8>,
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    memmem::find(h, n)
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Xml<S> {
-    async fn send(&mut self, s: &str) -> Result<()> {
-        self.io.write_all(s.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-        self.io.flush().await.map_err(|e| format!("flush: {e}"))
-    }
-
-    async fn fill(&mut self, deadline: tokio::time::Instant, waiting: &str) -> Result<()> {
-        let mut b = [0u8; 8192];
-        match tokio::time::timeout_at(deadline, self.io.read(&mut b)).await {
-            Err(_) => Err(format!("timeout waiting for {waiting}; got {:?}", String::from_utf8_lossy(&self.buf))),
-            Ok(Err(e)) => Err(format!("read: {e}")),
-            Ok(Ok(0)) => Err(format!("closed waiting for {waiting}; got {:?}", String::from_utf8_lossy(&self.buf))),
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&b[..n]);
-                Ok(())
-            }
-        }
-    }
-
-    /// Reads until `end` appears after `start`; returns the text up to `end` inclusive
-    /// and keeps the rest. A SASL failure or stream error ends the wait early.
-    async fn until(&mut self, start: &str, end: &str) -> Result<String> {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            if let Some(i) = find(&self.buf, start.as_bytes())
-                && let Some(j) = find(&self.buf[i..], end.as_bytes())
-            {
-                let rest = self.buf.split_off(i + j + end.len());
-                let got = std::mem::replace(&mut self.buf, rest);
-                return Ok(String::from_utf8_lossy(&got).into_owned());
-            }
-            if find(&self.buf, b"<failure").is_some() || find(&self.buf, b"stream:error").is_some() {
-                return Err(format!("server said: {}", String::from_utf8_lossy(&self.buf)));
-            }
-            self.fill(deadline, start).await?;
-        }
-    }
-
-    /// Sends an IQ with id `id` and returns the text of its reply (anything before it
-    /// is dropped). An error reply is an error.
-    async fn iq(&mut self, id: &str, stanza: &str) -> Result<String> {
-        self.send(stanza).await?;
-        let deadline = tokio::time::Instant::now() + STEP;
-        let quoted = [format!("id='{id}'"), format!("id=\"{id}\"")];
-        loop {
-            let mut from = 0;
-            while let Some(i) = find(&self.buf[from..], b"<iq").map(|i| i + from) {
-                let Some(gt) = find(&self.buf[i..], b">").map(|g| i + g) else { break };
-                let tag = &self.buf[i..=gt];
-                if quoted.iter().any(|q| find(tag, q.as_bytes()).is_some()) {
-                    let end = if tag.ends_with(b"/>") {
-                        Some(gt + 1)
-                    } else {
-                        find(&self.buf[gt..], b"</iq>").map(|e| gt + e + 5)
-                    };
-                    let Some(end) = end else { break };
-                    let rest = self.buf.split_off(end);
-                    let got = String::from_utf8_lossy(&self.buf[i..]).into_owned();
-                    self.buf = rest;
-                    if got[..=gt - i].contains("'error'") || got[..=gt - i].contains("\"error\"") {
-                        return Err(format!("error reply: {got}"));
-                    }
-                    return Ok(got);
-                }
-                from = gt;
-            }
-            if find(&self.buf, b"stream:error").is_some() {
-                return Err(format!("server said: {}", String::from_utf8_lossy(&self.buf)));
-            }
-            self.fill(deadline, id).await?;
-        }
-    }
-}
 
 struct Connector {
     tls: tokio_rustls::TlsConnector,
@@ -1130,11 +956,6 @@ struct Report {
     closed: Vec<Closed>,
     open: Vec<Open>,
     rss_kib: u64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 async fn bench_server(srv: &Server, opts: &Opts, shared: &Arc<Shared>) -> Result<Report> {
