@@ -621,7 +621,6 @@ mod tests {
     use crate::pubsub::service::{Limits, Service};
     use crate::pubsub::store::{BrokerStoreError, Loaded, MemStore};
     use crate::session::Sessions;
-    use crate::stream::parser::{Event as ParseEvent, Limits as ParseLimits, Parser};
     use std::sync::atomic::AtomicBool;
     use std::time::Instant;
 
@@ -764,18 +763,7 @@ mod tests {
     }
 
     fn stanza(xml: &str) -> Element {
-        let mut p = Parser::new(ParseLimits { max_stanza_bytes: 1 << 20, max_depth: 32 });
-        p.buffer_mut().extend_from_slice(
-            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>",
-        );
-        p.buffer_mut().extend_from_slice(xml.as_bytes());
-        loop {
-            match p.next_event() {
-                Ok(Some(ParseEvent::Stanza(e))) => return e,
-                Ok(Some(_)) => continue,
-                other => panic!("no stanza in {xml}: {other:?}"),
-            }
-        }
+        crate::stream::parser::test_stanza(xml)
     }
 
     const QUIET: Duration = Duration::from_millis(300);

@@ -1049,25 +1049,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::parser::{Event as ParseEvent, Limits, Parser};
-
-    const HEADER: &str = "<stream:stream xmlns='jabber:client' \
-        xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>";
     const BROKER: &str = "broker.grid.test";
     const IODEF: &str = "urn:ietf:params:xml:ns:iodef-2.0";
 
-    /// The one stanza in `xml`, parsed as the stream parser does on a client stream.
     fn stanza(xml: &str) -> Element {
-        let mut p = Parser::new(Limits { max_stanza_bytes: 1 << 20, max_depth: 32 });
-        p.buffer_mut().extend_from_slice(HEADER.as_bytes());
-        p.buffer_mut().extend_from_slice(xml.as_bytes());
-        loop {
-            match p.next_event() {
-                Ok(Some(ParseEvent::Stanza(e))) => return e,
-                Ok(Some(_)) => continue,
-                other => panic!("no stanza in {xml}: {other:?}"),
-            }
-        }
+        crate::stream::parser::test_stanza(xml)
     }
 
     fn iq(kind: &str, body: &str) -> Element {

@@ -855,6 +855,24 @@ fn is_name_char(c: char) -> bool {
         || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
 }
 
+/// The one stanza in `xml`, parsed as on a client stream (for tests elsewhere
+/// in the crate that need an [`Element`] from literal XML).
+#[cfg(test)]
+pub(crate) fn test_stanza(xml: &str) -> Element {
+    let mut p = Parser::new(Limits { max_stanza_bytes: 1 << 20, max_depth: 32 });
+    p.buffer_mut().extend_from_slice(
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>",
+    );
+    p.buffer_mut().extend_from_slice(xml.as_bytes());
+    loop {
+        match p.next_event() {
+            Ok(Some(Event::Stanza(e))) => return e,
+            Ok(Some(_)) => continue,
+            other => panic!("no stanza in {xml}: {other:?}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
