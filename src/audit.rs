@@ -101,10 +101,12 @@ pub enum Kind {
     /// An append found the chain head and the newest record disagreeing
     /// (tampering or damage) and carried on after the further one.
     ChainRepair,
+    /// Payload plugins reloaded (fields: loaded, removed, errors).
+    PluginReload,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 13;
+const KINDS: usize = 14;
 
 impl Kind {
     /// Every kind, in declaration order (indexes the sink's drop counters).
@@ -122,6 +124,7 @@ impl Kind {
         Kind::SlowConsumer,
         Kind::AuditDropped,
         Kind::ChainRepair,
+        Kind::PluginReload,
     ];
 
     /// The kebab-case name, as in JSON and in the canonical encoding.
@@ -140,6 +143,7 @@ impl Kind {
             Kind::SlowConsumer => "slow-consumer",
             Kind::AuditDropped => "audit-dropped",
             Kind::ChainRepair => "chain-repair",
+            Kind::PluginReload => "plugin-reload",
         }
     }
 

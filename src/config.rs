@@ -32,7 +32,7 @@ pub struct Config {
     pub listen: Listen,
     pub broker: Broker,
     pub policies: Policies,
-    pub plugins: Dir,
+    pub plugins: Plugins,
     pub tls: Tls,
     pub auth: Auth,
     pub limits: Limits,
@@ -123,10 +123,25 @@ impl Default for Policies {
     }
 }
 
+/// Payload plugins (Wasm validators and transformers, `wit/`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Dir {
+#[serde(deny_unknown_fields, default)]
+pub struct Plugins {
+    /// `NAME.wasm` (+ `NAME.toml` manifest) files, hot-reloaded.
     pub dir: PathBuf,
+    /// Load the plugins built into the binary (IODEF validator, privacy
+    /// redactor); a file in `dir` with the same name replaces one.
+    pub builtin: bool,
+    /// Threads running validators (a topic always uses the same one, keeping order).
+    pub threads: usize,
+    /// Publishes waiting per validator thread before new ones are told to wait.
+    pub queue: usize,
+}
+
+impl Default for Plugins {
+    fn default() -> Self {
+        Plugins { dir: "plugins".into(), builtin: true, threads: 2, queue: 1024 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -247,7 +262,7 @@ impl Default for Config {
             listen: Listen::default(),
             broker: Broker::default(),
             policies: Policies::default(),
-            plugins: Dir { dir: "plugins".into() },
+            plugins: Plugins::default(),
             tls: Tls::default(),
             auth: Auth::default(),
             limits: Limits::default(),
@@ -260,12 +275,6 @@ impl Default for Config {
 impl Default for Listen {
     fn default() -> Self {
         Listen { starttls: "127.0.0.1:5222".into(), direct_tls: "127.0.0.1:5223".into() }
-    }
-}
-
-impl Default for Dir {
-    fn default() -> Self {
-        Dir { dir: PathBuf::new() }
     }
 }
 
@@ -386,6 +395,8 @@ impl Config {
         bound("broker.max_items_per_topic", b.max_items_per_topic as u64, 1, 10_000_000)?;
         bound("broker.max_topics_per_platform", b.max_topics_per_platform as u64, 0, 10_000_000)?;
         bound("broker.max_subscriptions_per_platform", b.max_subscriptions_per_platform as u64, 0, 10_000_000)?;
+        bound("plugins.threads", self.plugins.threads as u64, 1, 64)?;
+        bound("plugins.queue", self.plugins.queue as u64, 1, 1_000_000)?;
         Ok(())
     }
 
@@ -446,7 +457,10 @@ honeytoken_disables_platform = false
 enforce = true                      # false: no policies at all (benchmarks, development)
 
 [plugins]
-dir = "plugins"
+dir = "plugins"                     # NAME.wasm + NAME.toml payload validators/transformers; hot-reloaded
+builtin = true                      # the built-in IODEF validator and privacy redactor (a file of the same name replaces one)
+threads = 2                         # validator threads
+queue = 1024                        # publishes waiting per validator thread
 
 [tls]
 # cert = "server.pem"               # default: generated data/tls/server.pem, signed by the grid CA

@@ -30,6 +30,7 @@ pub mod jid;
 pub mod limits;
 pub mod ns;
 pub mod pki;
+pub mod plugins;
 pub mod provision;
 pub mod pubsub;
 pub mod router;

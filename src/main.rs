@@ -29,7 +29,7 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Validate the configuration and TLS material; exit non-zero on error.
+    /// Validate the configuration, TLS material, policies and plugins; exit non-zero on error.
     Check,
     /// Provision, list and revoke platforms.
     #[command(subcommand)]
@@ -40,6 +40,9 @@ enum Cmd {
     /// Verify or print the security audit log (works with or without a running server).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Try a payload plugin (Wasm component or wit-bindgen module) on a payload.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
     // Act as a platform: topics, publish, subscribe, retrieve.
     #[command(flatten)]
     Client(xmpp_grid::client::cli::ClientCmd),
@@ -110,6 +113,39 @@ enum PlatformCmd {
 }
 
 #[derive(Subcommand)]
+enum PluginCmd {
+    /// Run FILE.wasm on a payload as the broker would. Validator: exit 0
+    /// accepted, 1 rejected (violations on stdout), 2 plugin failed.
+    /// Transformer: prints what the subscriber gets; exit 0 delivered,
+    /// 1 withheld, 2 plugin failed.
+    Run {
+        /// The plugin: a component, or a core module built with wit-bindgen.
+        file: PathBuf,
+        /// The payload: one XML element.
+        #[arg(long)]
+        payload: PathBuf,
+        /// Its manifest (default: FILE with .toml, if present).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The topic as the plugin sees it.
+        #[arg(long, default_value = "incidents")]
+        topic: String,
+        /// The topic's pubsub#type (default: the payload's namespace).
+        #[arg(long)]
+        payload_type: Option<String>,
+        /// The publisher (validators) or subscriber (transformers), a bare JID.
+        #[arg(long, default_value = "platform@localhost")]
+        platform: String,
+        /// Roles of that platform.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Grants the subscriber holds (transformers), e.g. read-personal-data.
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// Check the hash chain; exit 1 naming the first bad record.
     Verify,
@@ -165,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Policy(p) => policy(&load_config(cli.config.as_deref())?, p),
         Cmd::Audit(a) => audit(&load_config(cli.config.as_deref())?, a),
+        Cmd::Plugin(p) => plugin(p),
     }
 }
 
@@ -188,6 +225,7 @@ fn init(domain: &str, dir: &Path) -> Result<()> {
 
 fn check(cfg: &Config) -> Result<()> {
     check_policies(cfg)?;
+    check_plugins(cfg)?;
     // Building the grid validates certificates and keys without serving.
     let dir = cfg.tls_dir();
     if cfg.tls.cert.is_none() && !dir.join("server.pem").exists() {
@@ -223,6 +261,98 @@ fn check_policies(cfg: &Config) -> Result<()> {
             bail!("policies in {} are invalid ({} problem(s))", dir.display(), e.problems.len())
         }
     }
+}
+
+/// Loads the built-in plugins and every plugin file with its manifest, as the
+/// server would, without swapping anything in; prints every problem.
+fn check_plugins(cfg: &Config) -> Result<()> {
+    use xmpp_grid::plugins::{builtin, Host, HostOptions};
+    let host = Host::new(HostOptions {
+        cache_dir: None,
+        builtins: builtin::BUILTINS.to_vec(),
+        use_builtins: cfg.plugins.builtin,
+    })?;
+    let report = host.check_dir(&cfg.plugins.dir);
+    for (file, note) in &report.notes {
+        println!("note: {file}: {note}");
+    }
+    for (file, error) in &report.errors {
+        eprintln!("{file}: {error}");
+    }
+    if !report.errors.is_empty() {
+        bail!("plugins in {} are invalid ({} problem(s))", cfg.plugins.dir.display(), report.errors.len());
+    }
+    println!("plugins ok: {}", if report.loaded.is_empty() { "none".to_string() } else { report.loaded.join(", ") });
+    Ok(())
+}
+
+fn plugin(cmd: PluginCmd) -> Result<()> {
+    use xmpp_grid::plugins::{Host, HostOptions, Kind, PublisherInfo, SubscriberInfo, TopicInfo, Transformed, Verdict};
+    let PluginCmd::Run { file, payload, manifest, topic, payload_type, platform, roles, grants } = cmd;
+    let payload = std::fs::read(&payload).with_context(|| format!("read {}", payload.display()))?;
+    let host = Host::new(HostOptions { cache_dir: None, builtins: Vec::new(), use_builtins: false })?;
+    let manifest = manifest.or_else(|| Some(file.with_extension("toml")).filter(|m| m.exists()));
+    let plugin = match host.load_file(&file, manifest.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("xmpp-grid: {}: {e}", file.display());
+            std::process::exit(2);
+        }
+    };
+    let ns = xmpp_grid::pubsub::payload::root_namespace(&payload);
+    let topic = TopicInfo { name: topic, payload_type: payload_type.or(Some(ns).filter(|n| !n.is_empty())), owner: platform.clone() };
+    let started = std::time::Instant::now();
+    let code = match plugin.kind {
+        Kind::Validator => {
+            let publisher = PublisherInfo { jid: platform, roles, templates: Vec::new() };
+            match plugin.validate(&topic, &publisher, &payload) {
+                Ok(Verdict::Accept) => {
+                    println!("accepted");
+                    0
+                }
+                Ok(Verdict::Reject(violations)) => {
+                    println!("rejected: {} violation(s)", violations.len());
+                    for v in &violations {
+                        println!("{}: {}", if v.location.is_empty() { "/" } else { &v.location }, v.message);
+                    }
+                    1
+                }
+                Err(e) => {
+                    println!("failed: {e}");
+                    2
+                }
+            }
+        }
+        Kind::Transformer => {
+            let subscriber = SubscriberInfo {
+                jid: plugin.manifest.subscriber_jid.then(|| platform.clone()),
+                roles,
+                grants,
+            };
+            match plugin.transform(&topic, &subscriber, &payload) {
+                Ok(Transformed::Unchanged) => {
+                    println!("{}", String::from_utf8_lossy(&payload));
+                    eprintln!("unchanged");
+                    0
+                }
+                Ok(Transformed::Rewritten(out)) => {
+                    println!("{}", String::from_utf8_lossy(&out));
+                    eprintln!("rewritten ({} -> {} bytes)", payload.len(), out.len());
+                    0
+                }
+                Ok(Transformed::Withhold) => {
+                    println!("withheld");
+                    1
+                }
+                Err(e) => {
+                    println!("failed: {e}");
+                    2
+                }
+            }
+        }
+    };
+    eprintln!("{} ({:?}) in {:.2?}", plugin.name, plugin.kind, started.elapsed());
+    std::process::exit(code);
 }
 
 fn policy(cfg: &Config, cmd: PolicyCmd) -> Result<()> {

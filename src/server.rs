@@ -62,6 +62,10 @@ pub struct Grid {
     alerts: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::alerts::Alert>>>,
     /// Keeps the policies directory watched while the grid lives.
     watcher: std::sync::Mutex<Option<cedar::Watcher>>,
+    /// Payload validators and transformers (built-in and from `plugins.dir`).
+    pub plugins: Arc<crate::plugins::Host>,
+    /// Keeps the plugins directory watched while the grid lives.
+    plugin_watcher: std::sync::Mutex<Option<crate::plugins::Watcher>>,
     pub throttle: AuthThrottle,
     /// Key for the SCRAM decoy answers to unknown users.
     pub decoy_secret: [u8; 32],
@@ -128,6 +132,7 @@ impl Grid {
         };
         let authz: Arc<dyn Authorize> =
             Arc::new(crate::alerts::Audited { inner: decider, audit: audit.clone(), alerts: alerts_tx });
+        let plugins = open_plugins(&cfg)?;
         let bstore = SledStore::new(store.db()).map_err(|e| ServerError::Broker(e.to_string()))?;
         let service = Service::open(bstore, authz.clone(), cfg.broker.limits(), cfg.broker.access_model())
             .map_err(|e| ServerError::Broker(e.to_string()))?;
@@ -140,6 +145,8 @@ impl Grid {
             cedar,
             alerts: std::sync::Mutex::new(Some(alerts_rx)),
             watcher: std::sync::Mutex::new(None),
+            plugins,
+            plugin_watcher: std::sync::Mutex::new(None),
             cfg,
             domain,
             store,
@@ -230,12 +237,26 @@ pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
     let service = grid.broker_service.lock().unwrap_or_else(|p| p.into_inner()).take();
     let service = service.ok_or_else(|| ServerError::Broker("already started".into()))?;
     let broker_jid = grid.cfg.broker_jid();
-    let broker = Broker::start(service, grid.router.sessions().clone(), broker_jid.clone());
+    let plugins = crate::pubsub::broker::Plugins {
+        host: grid.plugins.clone(),
+        env: Arc::new(PluginEnvironment {
+            store: grid.store.clone(),
+            cedar: grid.cedar.clone(),
+            enforce: grid.cfg.policies.enforce,
+            audit: grid.audit.clone(),
+        }),
+        threads: grid.cfg.plugins.threads,
+        queue: grid.cfg.plugins.queue,
+        max_payload_bytes: grid.cfg.broker.max_payload_bytes,
+    };
+    let broker = Broker::start_with(service, grid.router.sessions().clone(), broker_jid.clone(), Some(plugins))
+        .map_err(|source| ServerError::Io { what: "start the broker".into(), source })?;
     let jid = BareJid::domain(&broker_jid).map_err(|e| ServerError::Broker(e.to_string()))?;
     grid.router.register(jid, broker.clone());
     let _ = grid.broker.set(broker.clone());
     grid.router.set_commands(crate::admin::Commands::new(&grid));
     start_policy_watch(&grid, broker.clone());
+    start_plugin_watch(&grid);
     let alerts = grid.alerts.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(rx) = alerts {
         tokio::spawn(alert_task(grid.clone(), broker, rx));
@@ -283,6 +304,121 @@ fn start_policy_watch(grid: &Arc<Grid>, broker: Arc<Broker>) {
     match watched {
         Ok(w) => *grid.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
         Err(e) => tracing::error!("cannot watch {}: {e}; policy changes need a restart", grid.cfg.policies.dir.display()),
+    }
+}
+
+/// The plugin host with the built-in plugins and those of `plugins.dir`
+/// (compiled once, cached under `DATA_DIR/plugin-cache`). Blocking.
+fn open_plugins(cfg: &Config) -> Result<Arc<crate::plugins::Host>, ServerError> {
+    // The directory is watched from the start, so an operator can drop files in later.
+    if let Err(e) = std::fs::create_dir_all(&cfg.plugins.dir) {
+        tracing::warn!("cannot create {}: {e}", cfg.plugins.dir.display());
+    }
+    let host = crate::plugins::Host::new(crate::plugins::HostOptions {
+        cache_dir: Some(cfg.data_dir.join("plugin-cache")),
+        builtins: crate::plugins::builtin::BUILTINS.to_vec(),
+        use_builtins: cfg.plugins.builtin,
+    })
+    .map_err(|e| ServerError::Broker(format!("plugins: {e}")))?;
+    let report = host.reload(&cfg.plugins.dir);
+    for (file, error) in &report.errors {
+        tracing::error!("plugin {file} not loaded: {error}");
+    }
+    let names: Vec<String> = host.current().plugins().iter().map(|p| format!("{} ({})", p.name, p.origin)).collect();
+    tracing::info!("payload plugins: {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+    Ok(host)
+}
+
+/// Hot reload of `plugins.dir`: changes take effect within about a second; a
+/// file that does not load keeps the previous version. Audited.
+fn start_plugin_watch(grid: &Arc<Grid>) {
+    let audit = grid.audit.clone();
+    let watched = crate::plugins::watch(grid.plugins.clone(), grid.cfg.plugins.dir.clone(), move |report| {
+        let mut fields = vec![("loaded", report.loaded.join(" ")), ("removed", report.removed.join(" "))];
+        for (file, error) in &report.errors {
+            tracing::error!("plugin {file} not loaded, its previous version (if any) stays: {error}");
+            fields.push(("error", format!("{file}: {error}")));
+        }
+        if !report.loaded.is_empty() || !report.removed.is_empty() {
+            tracing::info!(loaded = ?report.loaded, removed = ?report.removed, "plugins reloaded");
+        }
+        audit.record(crate::audit::Kind::PluginReload, crate::audit::CONTROLLER, crate::audit::fields(fields));
+    });
+    match watched {
+        Ok(w) => *grid.plugin_watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+        Err(e) => tracing::error!("cannot watch {}: {e}; plugin changes need a restart", grid.cfg.plugins.dir.display()),
+    }
+}
+
+/// What the broker's plugins learn about platforms: roles and templates from
+/// the accounts, grants from the policies (never audited as denials: a
+/// missing grant is an answer, not an attempt).
+struct PluginEnvironment {
+    store: Store,
+    cedar: Arc<CedarAuthorizer>,
+    enforce: bool,
+    audit: crate::audit::AuditSink,
+}
+
+impl PluginEnvironment {
+    fn account(&self, jid: &BareJid) -> Option<crate::store::Account> {
+        let local = jid.local()?;
+        self.store.account(local).ok().flatten()
+    }
+}
+
+impl crate::pubsub::payload::PluginEnv for PluginEnvironment {
+    fn publisher(&self, jid: &BareJid) -> crate::plugins::PublisherInfo {
+        let (roles, templates) = self.account(jid).map(|a| (a.roles, a.templates)).unwrap_or_default();
+        crate::plugins::PublisherInfo { jid: jid.to_string(), roles, templates }
+    }
+
+    fn subscriber(&self, jid: &BareJid, topic: &crate::plugins::TopicInfo, grants: &[String]) -> (Vec<String>, Vec<String>) {
+        let roles = self.account(jid).map(|a| a.roles).unwrap_or_default();
+        let owner = BareJid::parse(&topic.owner).ok();
+        let context = crate::authz::Context {
+            authn: String::new(),
+            tls_version: "",
+            source: std::net::IpAddr::from([0, 0, 0, 0]),
+        };
+        let granted = grants
+            .iter()
+            .filter(|g| {
+                let Some(action) = crate::authz::Action::from_name(g) else { return false };
+                if !self.enforce {
+                    return true;
+                }
+                let request = crate::authz::Request {
+                    principal: jid,
+                    action,
+                    topic: Some(crate::authz::Topic {
+                        name: &topic.name,
+                        payload_type: topic.payload_type.as_deref().unwrap_or(""),
+                        owner: owner.as_ref(),
+                    }),
+                    context: &context,
+                };
+                self.cedar.authorize(&request).allowed
+            })
+            .cloned()
+            .collect();
+        (roles, granted)
+    }
+
+    fn audit(&self, event: crate::pubsub::payload::PluginEvent<'_>) {
+        use crate::pubsub::payload::PluginEvent;
+        match event {
+            PluginEvent::Rejected { plugin, publisher, node, text } => self.audit.record(
+                crate::audit::Kind::PluginRejected,
+                publisher.to_string(),
+                crate::audit::fields([("plugin", plugin), ("topic", node), ("stage", "validate"), ("reason", text)]),
+            ),
+            PluginEvent::TransformFailed { plugin, platform, node, error } => self.audit.record(
+                crate::audit::Kind::PluginRejected,
+                platform.to_string(),
+                crate::audit::fields([("plugin", plugin), ("topic", node), ("stage", "transform"), ("reason", error)]),
+            ),
+        }
     }
 }
 

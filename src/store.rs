@@ -196,7 +196,19 @@ mod tests {
             other.read_only = true;
             assert_eq!(s.add_accounts(&[("a".into(), other)]).unwrap(), vec!["a".to_string()]);
         }
-        let s = Store::open(&d).unwrap();
+        // sled's flusher thread lets go of the files shortly after the last
+        // handle is dropped; under load that can take a moment (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            match Store::open(&d) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         assert_eq!(s.account("a").unwrap(), Some(acc()));
         assert_eq!(s.account("b").unwrap(), None);
         std::fs::remove_dir_all(&d).ok();

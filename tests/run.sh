@@ -21,8 +21,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# WebAssembly targets: the built-in plugins (plugins/, built by build.rs) and
+# the test fixtures (tests/wasm-fixtures) are Rust guests; one host test loads
+# a wasm32-wasip2 component.
+if command -v rustup >/dev/null; then
+  installed=$(rustup target list --installed)
+  for t in wasm32-unknown-unknown wasm32-wasip2; do
+    grep -qx "$t" <<<"$installed" || rustup target add "$t"
+  done
+fi
+
 # The tests open a few hundred sockets at once at most; make sure the soft limit allows it.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # Benches are programs that print figures (docs/benchmarks.md), not tests.
 cargo test --locked --lib --bins --tests --examples
+# The plugins' own rules, natively (IODEF corpus, redaction pairs).
+cargo test --locked --manifest-path plugins/Cargo.toml

@@ -33,6 +33,10 @@ pub enum Action {
     ManageSubscriptions,
     /// Administer the controller (XEP-0133 commands, admin socket); resource: the controller.
     Admin,
+    /// See personal data (contact e-mail, telephone, postal address) in a Topic's
+    /// payloads (RFC 8600 §9). Asked per subscriber by payload transformers
+    /// whose manifest lists it under `grants`.
+    ReadPersonalData,
 }
 
 impl Action {
@@ -50,11 +54,12 @@ impl Action {
             Action::Retrieve => "retrieve",
             Action::ManageSubscriptions => "manage-subscriptions",
             Action::Admin => "admin",
+            Action::ReadPersonalData => "read-personal-data",
         }
     }
 
     /// Every action, in declaration order.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 13] = [
         Action::Connect,
         Action::Discover,
         Action::Create,
@@ -67,6 +72,7 @@ impl Action {
         Action::Retrieve,
         Action::ManageSubscriptions,
         Action::Admin,
+        Action::ReadPersonalData,
     ];
 
     /// The action of a policy name ("publish", "manage-subscriptions", ...).

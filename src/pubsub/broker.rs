@@ -8,8 +8,17 @@
 //! the same bytes to every subscriber's bounded queue; a subscriber that
 //! cannot keep up is disconnected by its queue and catches up from its cursor
 //! when it returns (RFC 8600 §6 offline delivery), so nothing is lost.
+//!
+//! Payload plugins ([`super::payload`]): a publish that validators apply to
+//! is checked (authorization, limits) here, validated on the validator
+//! threads, and comes back as `Cmd::Checked` to be stored; while one is out,
+//! later publishes to the same node follow the same path, so each node keeps
+//! publish order. Transformers shape every item a subscriber receives: live,
+//! replayed, or retrieved. The task runs on a thread of its own, so neither
+//! plugin calls nor the service's work take a worker from the sessions.
 
 use super::model::*;
+use super::payload::{self, Checked, Job, PluginEnv, PluginEvent, Validators, View, Views};
 use super::protocol;
 use super::service::{Ctx, Delivery, Outcome, Service, Target};
 use super::store::BrokerStore;
@@ -40,6 +49,39 @@ enum Cmd {
     Sync(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
     /// Policies or platforms changed: end the subscriptions no longer allowed.
     Recheck,
+    /// A publish back from its validators.
+    Checked(Checked<Waiting>),
+}
+
+/// What validators are given: themselves in order, the topic, the publisher.
+type Inputs = (Vec<Arc<crate::plugins::Plugin>>, crate::plugins::TopicInfo, crate::plugins::PublisherInfo);
+
+/// A publish at the validators.
+struct Waiting {
+    session: Arc<SessionHandle>,
+    stanza: Element,
+    req: Request,
+}
+
+/// Payload plugins for the broker: validators and transformers from `host`.
+pub struct Plugins {
+    pub host: Arc<crate::plugins::Host>,
+    pub env: Arc<dyn PluginEnv>,
+    /// Validator threads (each node always uses the same one).
+    pub threads: usize,
+    /// Publishes waiting per validator thread before new ones get `wait`.
+    pub queue: usize,
+    /// The broker's payload limit (bounds rewritten payloads too).
+    pub max_payload_bytes: usize,
+}
+
+struct PluginState {
+    host: Arc<crate::plugins::Host>,
+    env: Arc<dyn PluginEnv>,
+    validators: Validators<Waiting>,
+    /// Publishes at the validators, per node.
+    inflight: HashMap<NodeId, usize>,
+    views: Views,
 }
 
 /// The broker as the router sees it.
@@ -51,11 +93,42 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts the broker task on `service`.
+    /// Starts the broker task on `service`, without payload plugins.
     pub fn start<S: BrokerStore + 'static>(service: Service<S>, sessions: Arc<Sessions>, jid: String) -> Arc<Broker> {
+        match Self::start_with(service, sessions, jid, None) {
+            Ok(b) => b,
+            // Without a thread nothing can run; the process cannot serve anyway.
+            Err(e) => panic!("cannot start the broker thread: {e}"),
+        }
+    }
+
+    /// Starts the broker task on `service` on a thread of its own, with `plugins`.
+    pub fn start_with<S: BrokerStore + 'static>(
+        service: Service<S>,
+        sessions: Arc<Sessions>,
+        jid: String,
+        plugins: Option<Plugins>,
+    ) -> std::io::Result<Arc<Broker>> {
         let (stanzas, stanza_rx) = mpsc::channel(INBOX);
         let (presence, presence_rx) = mpsc::unbounded_channel();
+        let plugins = match plugins {
+            None => None,
+            Some(p) => {
+                let back = presence.clone();
+                let done: Arc<dyn Fn(Checked<Waiting>) + Send + Sync> = Arc::new(move |c| {
+                    let _ = back.send(Cmd::Checked(c));
+                });
+                Some(PluginState {
+                    validators: Validators::start(p.threads, p.queue, done)?,
+                    views: Views::new(p.host.clone(), p.env.clone(), p.max_payload_bytes),
+                    host: p.host,
+                    env: p.env,
+                    inflight: HashMap::new(),
+                })
+            }
+        };
         let task = Task {
+            plugins,
             flusher: Arc::from(service.flusher()),
             svc: service,
             sessions,
@@ -66,8 +139,11 @@ impl Broker {
             catchup: VecDeque::new(),
             jids: Default::default(),
         };
-        tokio::spawn(task.run(stanza_rx, presence_rx));
-        Arc::new(Broker { stanzas, presence, jid })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new()
+            .name("xg-broker".into())
+            .spawn(move || rt.block_on(task.run(stanza_rx, presence_rx)))?;
+        Ok(Arc::new(Broker { stanzas, presence, jid }))
     }
 
     /// Saves delivery progress and waits until all accepted changes are durable
@@ -147,6 +223,7 @@ struct Pending {
 
 struct Task<S: BrokerStore> {
     svc: Service<S>,
+    plugins: Option<PluginState>,
     flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
     sessions: Arc<Sessions>,
     jid: String,
@@ -158,6 +235,15 @@ struct Task<S: BrokerStore> {
     catchup: VecDeque<String>,
     /// Parsed subscription addresses (see `available_sessions`).
     jids: std::cell::RefCell<HashMap<String, Option<Jid>>>,
+}
+
+/// How one item is shaped for its subscribers, with each view's bytes.
+struct Shaping {
+    transformers: Vec<Arc<crate::plugins::Plugin>>,
+    /// Set when transformers apply.
+    topic: Option<crate::plugins::TopicInfo>,
+    /// (view, delay-stamped) → the notification, or None if withheld.
+    memo: HashMap<(Option<Arc<crate::plugins::SubscriberInfo>>, bool), Option<Bytes>>,
 }
 
 fn now_ms() -> u64 {
@@ -211,6 +297,9 @@ impl<S: BrokerStore + 'static> Task<S> {
             Cmd::Stanza(session, stanza) => self.stanza(session, stanza),
             Cmd::Presence(session, available) => self.presence(&session, available),
             Cmd::Recheck => {
+                if let Some(p) = &mut self.plugins {
+                    p.views.forget_subscribers();
+                }
                 let login = crate::authz::Context {
                     authn: String::new(),
                     tls_version: "",
@@ -225,6 +314,7 @@ impl<S: BrokerStore + 'static> Task<S> {
                     Err(e) => tracing::error!("re-checking subscriptions: {e}"),
                 }
             }
+            Cmd::Checked(c) => self.checked(c),
             Cmd::Sync(tx) => {
                 self.persist_cursors(true);
                 self.pending.push(Pending { reply: None, internal: Some((tx, Reply::Empty)), deliveries: Vec::new() });
@@ -264,6 +354,100 @@ impl<S: BrokerStore + 'static> Task<S> {
             Ok(r) => r,
             Err(e) => return self.send_error(&session, &stanza, e),
         };
+        if let Request::Publish { node, payload, preconditions, .. } = &req
+            && let Some(job) = self.validation(&session, node, payload, preconditions)
+        {
+            return match job {
+                Ok(job) => self.submit(node.clone(), Waiting { session, stanza, req: req.clone() }, job),
+                Err(e) => self.send_error(&session, &stanza, protocol::error_for(&req, &e)),
+            };
+        }
+        self.execute(session, stanza, req);
+    }
+
+    /// Whether a publish must pass validators first: None if not, else the
+    /// validators' inputs, or the error that refuses it before any plugin runs.
+    fn validation(
+        &mut self,
+        session: &SessionHandle,
+        node: &NodeId,
+        payload: &Bytes,
+        pre: &ConfigPatch,
+    ) -> Option<Result<Inputs, PubsubError>> {
+        let p = self.plugins.as_ref()?;
+        let validators = p.host.current().validators(node.as_str(), &payload::root_namespace(payload));
+        let waiting = p.inflight.get(node).is_some_and(|n| *n > 0);
+        if validators.is_empty() && !waiting {
+            return None;
+        }
+        let platform = session.jid.bare().clone();
+        let ctx = Ctx { actor: Actor::Platform(platform.clone()), login: Some(&session.context), now_ms: now_ms() };
+        // Authorization and limits first: plugins never run for a publish that would be refused anyway.
+        if let Err(e) = self.svc.admit_publish(&ctx, node, payload, pre) {
+            return Some(Err(e));
+        }
+        let topic = self.topic(node);
+        Some(Ok((validators, topic, p.env.publisher(&platform))))
+    }
+
+    fn topic(&self, node: &NodeId) -> crate::plugins::TopicInfo {
+        let (payload_type, owner) = self.svc.topic_info(node).map(|(t, o)| (t.to_string(), o.to_string())).unwrap_or_default();
+        crate::plugins::TopicInfo {
+            name: node.as_str().to_string(),
+            payload_type: (!payload_type.is_empty()).then_some(payload_type),
+            owner,
+        }
+    }
+
+    fn submit(
+        &mut self,
+        node: NodeId,
+        w: Waiting,
+        (validators, topic, publisher): Inputs,
+    ) {
+        let Some(p) = &mut self.plugins else { return };
+        let Request::Publish { payload, .. } = &w.req else { return };
+        let job = Job { validators, topic, publisher, payload: payload.clone(), tag: w };
+        match p.validators.submit(node.as_str(), job) {
+            Ok(()) => *p.inflight.entry(node).or_default() += 1,
+            Err(job) => {
+                let e = StanzaError::new("resource-constraint").kind(ErrorType::Wait).text("the payload validators are busy; retry");
+                self.send_error(&job.tag.session, &job.tag.stanza, e);
+            }
+        }
+    }
+
+    /// A publish is back from its validators: store it, or refuse it.
+    fn checked(&mut self, c: Checked<Waiting>) {
+        let Waiting { session, stanza, req } = c.tag;
+        let Request::Publish { node, .. } = &req else { return };
+        if let Some(p) = &mut self.plugins
+            && let Some(n) = p.inflight.get_mut(node)
+        {
+            *n -= 1;
+            if *n == 0 {
+                p.inflight.remove(node);
+            }
+        }
+        match c.verdict {
+            Ok(()) => self.execute(session, stanza, req),
+            Err(rej) => {
+                if let Some(p) = &self.plugins {
+                    p.env.audit(PluginEvent::Rejected {
+                        plugin: &rej.plugin,
+                        publisher: session.jid.bare(),
+                        node: node.as_str(),
+                        text: &rej.text,
+                    });
+                }
+                let e = PubsubError::InvalidPayload { plugin: rej.plugin, reason: rej.text };
+                self.send_error(&session, &stanza, protocol::error_for(&req, &e));
+            }
+        }
+    }
+
+    /// Runs a parsed request from a platform and answers it.
+    fn execute(&mut self, session: Arc<SessionHandle>, stanza: Element, req: Request) {
         let ctx = Ctx { actor: Actor::Platform(session.jid.bare().clone()), login: Some(&session.context), now_ms: now_ms() };
         let mutation = Service::<S>::is_mutation(&req);
         let rendered_req = req.clone();
@@ -275,6 +459,7 @@ impl<S: BrokerStore + 'static> Task<S> {
                 self.send_error(&session, &stanza, protocol::error_for(&rendered_req, &e));
             }
             Ok(Outcome { reply, deliveries }) => {
+                let reply = self.viewed(reply, session.jid.bare());
                 let bytes = (stanza.name == "iq").then(|| self.result(&stanza, &session, &reply, &rendered_req));
                 let reply = bytes.map(|b| (session.clone(), b, stanza.attr("id").map(str::to_owned)));
                 if mutation {
@@ -423,26 +608,72 @@ impl<S: BrokerStore + 'static> Task<S> {
         self.live.get_mut(subid)
     }
 
+    /// The transformers that shape `item` of `node`, and the topic as they see it.
+    fn shaping(&mut self, node: &NodeId, item: &Item) -> Shaping {
+        let transformers = match &mut self.plugins {
+            Some(p) => p.views.transformers(node, item),
+            None => Vec::new(),
+        };
+        let topic = (!transformers.is_empty()).then(|| self.topic(node));
+        Shaping { transformers, topic, memo: HashMap::new() }
+    }
+
+    /// The notification of `item` for the subscription address `jid` (None:
+    /// withheld from it), delay-stamped if `delay_ms`. Serialized once per view.
+    fn rendered(&mut self, sh: &mut Shaping, node: &NodeId, item: &Item, jid: &str, delay_ms: Option<u64>) -> Option<Bytes> {
+        let (key, view) = match (&sh.topic, &mut self.plugins) {
+            (Some(topic), Some(p)) => {
+                let platform = match Jid::parse(jid) {
+                    Ok(j) => j.bare().clone(),
+                    Err(_) => return None,
+                };
+                let (k, v) = p.views.view(&sh.transformers, topic, node, item, &platform);
+                (Some(k), v)
+            }
+            _ => (None, View::Whole),
+        };
+        let memo_key = (key, delay_ms.is_some());
+        if let Some(b) = sh.memo.get(&memo_key) {
+            return b.clone();
+        }
+        let bytes = view.apply(item).map(|it| self.notification(&Event::Items { node: node.clone(), items: vec![it] }, delay_ms));
+        sh.memo.insert(memo_key, bytes.clone());
+        bytes
+    }
+
+    /// A reply's items as `platform` may see them (retrieval, RFC 8600 §9).
+    fn viewed(&mut self, reply: Reply, platform: &BareJid) -> Reply {
+        let Reply::Items { node, items, page } = reply else { return reply };
+        if self.plugins.is_none() {
+            return Reply::Items { node, items, page };
+        }
+        let mut shown = Vec::with_capacity(items.len());
+        for item in items {
+            let mut sh = self.shaping(&node, &item);
+            match (&sh.topic, &mut self.plugins) {
+                (Some(topic), Some(p)) => {
+                    let (_, view) = p.views.view(&sh.transformers, topic, &node, &item, platform);
+                    shown.extend(view.apply(&item));
+                }
+                _ => shown.push(item),
+            }
+            sh.memo.clear();
+        }
+        Reply::Items { node, items: shown, page }
+    }
+
     fn fan_out_item(&mut self, node: &NodeId, item: &Item, targets: &[Target]) {
-        let event = Event::Items { node: node.clone(), items: vec![item.clone()] };
-        let rest = self.notification(&event, None);
-        let mut old: Option<Bytes> = None;
+        let mut sh = self.shaping(node, item);
         for t in targets {
             let sessions = self.available_sessions(&t.jid);
             let Some(subid) = &t.subid else { continue };
             let Some(live) = self.live_entry(subid, &t.jid) else { continue };
             if item.seq <= live.enqueued {
                 // An older item sent again (last published item on subscribe): stamped, no cursor.
-                let bytes = match &old {
-                    Some(b) => b.clone(),
-                    None => {
-                        let b = self.notification(&event, Some(item.published_ms));
-                        old = Some(b.clone());
-                        b
+                if let Some(bytes) = self.rendered(&mut sh, node, item, &t.jid, Some(item.published_ms)) {
+                    for s in &sessions {
+                        let _ = s.deliver(Outbound::ToSelf { rest: bytes.clone(), ack: None });
                     }
-                };
-                for s in &sessions {
-                    let _ = s.deliver(Outbound::ToSelf { rest: bytes.clone(), ack: None });
                 }
                 continue;
             }
@@ -465,8 +696,11 @@ impl<S: BrokerStore + 'static> Task<S> {
                 continue;
             }
             live.enqueued = item.seq;
+            let cursor = live.written.clone();
+            // Withheld from this subscriber: its cursor moves on with the next item it gets.
+            let Some(rest) = self.rendered(&mut sh, node, item, &t.jid, None) else { continue };
             for s in &sessions {
-                let ack = Ack { cursor: live.written.clone(), seq: item.seq };
+                let ack = Ack { cursor: cursor.clone(), seq: item.seq };
                 let _ = s.deliver(Outbound::ToSelf { rest: rest.clone(), ack: Some(ack) });
             }
         }
@@ -544,10 +778,11 @@ impl<S: BrokerStore + 'static> Task<S> {
             };
             let done = items.len() < want;
             for item in &items {
-                let event = Event::Items { node: sub.node.clone(), items: vec![item.clone()] };
-                let rest = self.notification(&event, Some(item.published_ms));
+                let mut sh = self.shaping(&sub.node, item);
+                let rest = self.rendered(&mut sh, &sub.node, item, &sub.jid, Some(item.published_ms));
                 let Some(live) = self.live.get_mut(&subid) else { break };
                 live.enqueued = item.seq;
+                let Some(rest) = rest else { continue };
                 for s in &sessions {
                     let _ = s.deliver(Outbound::ToSelf {
                         rest: rest.clone(),

@@ -4,6 +4,7 @@
 //! - [`model`]: the vocabulary; [`service`]: the pure rules; [`store`]: sled.
 //! - [`protocol`]: XEP-0060 XML ↔ typed requests, and the error table.
 //! - [`broker`]: the task that owns the service, commits in groups, and fans out.
+//! - [`payload`]: payload plugins at the broker: validators before storing, transformers at delivery.
 
 pub mod model;
 pub mod protocol;
@@ -11,3 +12,4 @@ pub mod protocol;
 pub mod service;
 pub mod store;
 pub mod broker;
+pub mod payload;

@@ -169,10 +169,14 @@ impl From<&PubsubError> for StanzaError {
             // schema but need to know which limit, which the variant does not say.
             // resource-constraint would claim a transient server overload.
             PubsubError::LimitReached(text) => err(Wait, "policy-violation", None).text(text.clone()),
-            // §7.1.3.5: the payload is not acceptable for the node. The spec's condition
-            // for "bad payload" is bad-request + invalid-payload; the validator's reason
-            // is the text (the plugin name stays in the audit log).
-            PubsubError::InvalidPayload { reason, .. } => bad_request("invalid-payload").text(reason.clone()),
+            // A payload validator (plugins/) refused the payload. XEP-0060 has no case
+            // for content rules: §7.1.3.5 (bad-request + invalid-payload) is for the
+            // wrong number or namespace of payloads. The payload is well-formed but
+            // not acceptable, as for payload-too-big (§7.1.3.4): not-acceptable with
+            // the §7.1.3.5 application condition, the violations as the text.
+            PubsubError::InvalidPayload { reason, .. } => {
+                err(Modify, "not-acceptable", Some("invalid-payload")).text(reason.clone())
+            }
             // Detail goes to the log and audit, never on the wire.
             PubsubError::Storage(_) => err(Wait, "internal-server-error", None).text("internal error"),
         }
@@ -1961,7 +1965,7 @@ mod tests {
             (PubsubError::Unsupported("purge-nodes"), ("cancel", "feature-not-implemented", some("unsupported"))),
             (PubsubError::BadConfig("max_items too large".into()), ("modify", "not-acceptable", None)),
             (PubsubError::LimitReached("nodes per platform".into()), ("wait", "policy-violation", None)),
-            (invalid.clone(), ("modify", "bad-request", some("invalid-payload"))),
+            (invalid.clone(), ("modify", "not-acceptable", some("invalid-payload"))),
             (storage.clone(), ("wait", "internal-server-error", None)),
         ];
         for (e, want) in cases {

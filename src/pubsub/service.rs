@@ -499,31 +499,7 @@ impl<S: BrokerStore> Service<S> {
         payload: bytes::Bytes,
         pre: ConfigPatch,
     ) -> Result<Outcome, PubsubError> {
-        let n = self.node(&node)?;
-        self.ask_visible(ctx, Action::Publish, &node)?;
-        let aff = self.affiliation(ctx, n);
-        let allowed = match aff {
-            Affiliation::Owner | Affiliation::Publisher | Affiliation::PublishOnly => true,
-            Affiliation::Outcast => false,
-            Affiliation::Member | Affiliation::None => match n.rec.config.publish_model {
-                PublishModel::Open => true,
-                PublishModel::Subscribers => {
-                    let me = ctx.actor.platform();
-                    n.subs.iter().filter_map(|id| self.subs.get(id)).any(|s| Some(&s.owner) == me && s.state == SubState::Subscribed)
-                }
-                PublishModel::Publishers => false,
-            },
-        };
-        if !allowed {
-            return Err(PubsubError::Forbidden);
-        }
-        if payload.is_empty() {
-            return Err(PubsubError::PayloadRequired);
-        }
-        if payload.len() > self.limits.max_payload_bytes {
-            return Err(PubsubError::PayloadTooBig { size: payload.len(), limit: self.limits.max_payload_bytes });
-        }
-        check_preconditions(&n.rec.config, &pre, self.limits.max_items_per_node)?;
+        self.admit_publish(ctx, &node, &payload, &pre)?;
         let publisher = match &ctx.actor {
             Actor::Platform(j) => j.clone(),
             Actor::Controller => BareJid::domain("controller").map_err(|e| PubsubError::BadConfig(e.to_string()))?,
@@ -548,6 +524,42 @@ impl<S: BrokerStore> Service<S> {
         let mut out = Outcome::reply(Reply::Published { node: node.clone(), item_id: id });
         out.deliveries.push(Delivery { event: Event::Items { node, items: vec![item] }, to });
         Ok(out)
+    }
+
+    /// The topic's `pubsub#type` and creator, as plugins see them.
+    pub fn topic_info(&self, node: &NodeId) -> Option<(&str, &BareJid)> {
+        self.nodes.get(node).map(|n| (n.rec.config.payload_type.as_str(), &n.rec.creator))
+    }
+
+    /// Every check of a publish short of storing it: existence, authorization,
+    /// the publish model, payload size and preconditions. The broker runs it
+    /// before spending a payload validator on the request.
+    pub fn admit_publish(&self, ctx: &Ctx, node: &NodeId, payload: &[u8], pre: &ConfigPatch) -> Result<(), PubsubError> {
+        let n = self.node(node)?;
+        self.ask_visible(ctx, Action::Publish, node)?;
+        let aff = self.affiliation(ctx, n);
+        let allowed = match aff {
+            Affiliation::Owner | Affiliation::Publisher | Affiliation::PublishOnly => true,
+            Affiliation::Outcast => false,
+            Affiliation::Member | Affiliation::None => match n.rec.config.publish_model {
+                PublishModel::Open => true,
+                PublishModel::Subscribers => {
+                    let me = ctx.actor.platform();
+                    n.subs.iter().filter_map(|id| self.subs.get(id)).any(|s| Some(&s.owner) == me && s.state == SubState::Subscribed)
+                }
+                PublishModel::Publishers => false,
+            },
+        };
+        if !allowed {
+            return Err(PubsubError::Forbidden);
+        }
+        if payload.is_empty() {
+            return Err(PubsubError::PayloadRequired);
+        }
+        if payload.len() > self.limits.max_payload_bytes {
+            return Err(PubsubError::PayloadTooBig { size: payload.len(), limit: self.limits.max_payload_bytes });
+        }
+        check_preconditions(&n.rec.config, pre, self.limits.max_items_per_node)
     }
 
     /// Drops items beyond `max` (oldest first) and items published before `older_than_ms`.

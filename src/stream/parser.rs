@@ -855,21 +855,39 @@ fn is_name_char(c: char) -> bool {
         || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
 }
 
+/// Exactly one element in `xml`, with the stream parser's rules and `limits`
+/// (no DOCTYPE, comments or processing instructions; size and depth caps). For
+/// XML from outside a stream, e.g. a payload rewritten by a plugin: the caller
+/// re-serializes the result, so what goes on the wire is always well-formed.
+/// The element is parsed in the scope of a `jabber:client` stream: an element
+/// without a namespace declaration gets that one.
+pub fn parse_element(xml: &[u8], limits: Limits) -> Result<Element, ParseError> {
+    const HEAD: &[u8] =
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>";
+    let mut p = Parser::new(Limits { max_stanza_bytes: limits.max_stanza_bytes, max_depth: limits.max_depth + 1 });
+    p.buffer_mut().extend_from_slice(HEAD);
+    p.buffer_mut().extend_from_slice(xml);
+    p.buffer_mut().extend_from_slice(b"</stream:stream>");
+    let mut found = None;
+    loop {
+        match p.next_event()? {
+            Some(Event::Stanza(e)) if found.is_none() => found = Some(e),
+            Some(Event::Stanza(_)) => return Err(ParseError::NotWellFormed("more than one element".into())),
+            Some(Event::Close) => break,
+            Some(_) => continue,
+            None => return Err(ParseError::NotWellFormed("unfinished element".into())),
+        }
+    }
+    found.ok_or_else(|| ParseError::NotWellFormed("no element".into()))
+}
+
 /// The one stanza in `xml`, parsed as on a client stream (for tests elsewhere
 /// in the crate that need an [`Element`] from literal XML).
 #[cfg(test)]
 pub(crate) fn test_stanza(xml: &str) -> Element {
-    let mut p = Parser::new(Limits { max_stanza_bytes: 1 << 20, max_depth: 32 });
-    p.buffer_mut().extend_from_slice(
-        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='grid.test' version='1.0'>",
-    );
-    p.buffer_mut().extend_from_slice(xml.as_bytes());
-    loop {
-        match p.next_event() {
-            Ok(Some(Event::Stanza(e))) => return e,
-            Ok(Some(_)) => continue,
-            other => panic!("no stanza in {xml}: {other:?}"),
-        }
+    match parse_element(xml.as_bytes(), Limits { max_stanza_bytes: 1 << 20, max_depth: 32 }) {
+        Ok(e) => e,
+        Err(e) => panic!("no stanza in {xml}: {e:?}"),
     }
 }
 

@@ -39,6 +39,10 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     let mut cfg = Config { domain: DOMAIN.into(), data_dir: dir.join("data"), ..Config::default() };
     cfg.listen.starttls = "127.0.0.1:0".into();
     cfg.listen.direct_tls = "127.0.0.1:0".into();
+    // Tests that want payload plugins turn them on (tests/payload_plugins.rs);
+    // the others publish free-form payloads.
+    cfg.plugins.dir = dir.join("plugins");
+    cfg.plugins.builtin = false;
     cfg
 }
 
@@ -339,4 +343,25 @@ pub fn run_cli(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> 
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Builds crate `krate` of the guest workspace `workspace` (a directory with a
+/// Cargo.toml, relative to the repository) for wasm32-unknown-unknown and
+/// returns its module. Concurrent test processes serialize on cargo's lock.
+pub fn wasm_module(workspace: &str, krate: &str) -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("wasm-{}", workspace.replace('/', "-")));
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--release", "--locked", "--target", "wasm32-unknown-unknown", "--manifest-path"])
+        .arg(root.join(workspace).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "building {workspace}/{krate} for wasm32-unknown-unknown failed (rustup target add wasm32-unknown-unknown?)");
+    let module = target.join("wasm32-unknown-unknown/release").join(format!("{}.wasm", krate.replace('-', "_")));
+    assert!(module.exists(), "{} missing", module.display());
+    module
 }
