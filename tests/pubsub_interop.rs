@@ -179,3 +179,34 @@ async fn shared_smoke_test_passes_with_plain_on_the_default_config() {
     assert!(r.stdout.contains("mechanism PLAIN"), "{r}");
     g.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slixmpp_publisher_gets_the_violation_and_subscribers_get_personal_data_by_their_grants() {
+    // The built-in plugins, as on a fresh `xmpp-grid serve`.
+    let g = start("px-plugins", |c| c.plugins.builtin = true).await;
+    g.add_with_roles("slixpub", "s3cret", &["publisher"]);
+    g.add_with_roles("slixcleared", "s3cret", &["subscriber", "privacy-cleared"]);
+    g.add_with_roles("slixplain", "s3cret", &["subscriber"]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/iodef");
+    let invalid = data.join("invalid/01-missing-purpose.xml");
+    let valid = data.join("valid/02-phishing-campaign.xml");
+    let cmd = interop_python("slix_plugins.py", g.starttls.port(), &g.ca_path(), &[
+        "--owner", "slixpub@grid.test", "--cleared", "slixcleared@grid.test", "--plain", "slixplain@grid.test",
+        "--password", "s3cret", "--timeout", "45",
+        "--invalid", invalid.to_str().unwrap(), "--violation", "/IODEF-Document/Incident[1]/@purpose: missing required attribute `purpose`",
+        "--valid", valid.to_str().unwrap(), "--keep", "PHISH-7731",
+        "--personal", "jane.analyst@bank.example", "--personal", "+44 20 7946 0958", "--personal", "Threadneedle",
+    ]);
+    let r = run_child(cmd, CLIENT_DEADLINE).await;
+    assert_all_checks_passed(&r);
+    for step in [
+        "ok   invalid IODEF is refused with not-acceptable",
+        "ok   the error text carries the violation",
+        "ok   the cleared subscriber receives the personal data",
+        "ok   the other subscriber receives it redacted",
+        "ok   retrieval by the other subscriber is redacted too",
+    ] {
+        assert!(r.stdout.contains(step), "missing {step:?}\n{r}");
+    }
+    g.shutdown().await;
+}

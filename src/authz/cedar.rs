@@ -918,6 +918,7 @@ mod tests {
             facts("ids1", &[], &["ids-sensor"], false, false),
             facts("siem1", &["publisher"], &["siem"], false, false),
             facts("revoked1", &["publisher"], &[], false, true),
+            facts("priv1", &["subscriber", "privacy-cleared"], &[], false, false),
         ]
     }
 
@@ -974,6 +975,11 @@ mod tests {
             ("sub1", Subscribe, "incidents", "PLAIN", true, &["subscriber"]),
             ("sub1", Retrieve, "leases", "PLAIN", true, &["subscriber"]),
             ("sub1", Publish, "incidents", "PLAIN", false, &[]),
+            // personal data in payloads (RFC 8600 §9): only the privacy-cleared role
+            ("sub1", ReadPersonalData, "incidents", "PLAIN", false, &[]),
+            ("siem1", ReadPersonalData, "incidents", "PLAIN", false, &[]),
+            ("priv1", ReadPersonalData, "incidents", "PLAIN", true, &["privacy-cleared"]),
+            ("priv1", Subscribe, "incidents", "PLAIN", true, &["subscriber"]),
             // admin only with a certificate (RFC 8600 §8.3.3)
             ("admin1", Admin, "", "cert", true, &["admin"]),
             ("admin1", Admin, "", "SCRAM-SHA-256-PLUS", false, &["admin-requires-cert"]),
