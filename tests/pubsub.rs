@@ -267,7 +267,7 @@ async fn broker_disco_info_has_the_service_identity_and_exactly_its_features() {
         "manage-subscriptions", "member-affiliation", "meta-data", "modify-affiliations", "outcast-affiliation",
         "persistent-items", "publish", "publish-only-affiliation", "publish-options", "publisher-affiliation",
         "purge-nodes", "retract-items", "retrieve-affiliations", "retrieve-default", "retrieve-items",
-        "retrieve-subscriptions", "rsm", "subscribe", "subscription-notifications",
+        "retrieve-subscriptions", "rsm", "subscribe", "subscription-notifications", "subscription-options",
     ]
     .iter()
     .map(|f| format!("{PUBSUB}#{f}"))
@@ -620,6 +620,51 @@ async fn retract_removes_items_notifies_and_checks_who_asks() {
 // ---- subscriptions -------------------------------------------------------------
 
 #[tokio::test]
+async fn subscription_options_switch_delivery_off_and_on() {
+    let g = grid("ps-options", &["alice", "bob", "carol"], |_| {}).await;
+    let mut a = Client::login(&g, "alice", "r").await;
+    a.topic("incidents", OPEN).await;
+    let mut b = Client::online(&g, "bob", "desk").await;
+    b.subscribe("incidents", "bob@grid.test").await;
+    let options = |d: &str| {
+        format!(
+            "<options node='incidents' jid='bob@grid.test'>{}</options>",
+            form("http://jabber.org/protocol/pubsub#subscribe_options", &[("pubsub#deliver", d)])
+        )
+    };
+    // §6.3.5: submitted, an empty result.
+    let r = b.pubsub("set", &options("0")).await;
+    has(&r, &["type='result'"]);
+    assert!(!r.contains("<pubsub"), "{r}");
+    let r = b.pubsub("get", "<options node='incidents' jid='bob@grid.test'/>").await;
+    has(&r, &["<field var='pubsub#deliver' type='boolean' label='Enable delivery?'><value>0</value></field>"]);
+    a.published("incidents", "while-off").await;
+    b.quiet().await;
+    // §6.3.5 errors: an option we cannot honour; someone else's subscription.
+    let bad = format!(
+        "<options node='incidents' jid='bob@grid.test'>{}</options>",
+        form("http://jabber.org/protocol/pubsub#subscribe_options", &[("pubsub#digest", "1")])
+    );
+    error(&b.pubsub("set", &bad).await, "modify", "bad-request", Some("invalid-options"));
+    let mut c = Client::login(&g, "carol", "r").await;
+    error(&c.pubsub("set", &options("1")).await, "auth", "forbidden", None);
+    // On again: new items arrive, the one published meanwhile is not replayed.
+    has(&b.pubsub("set", &options("1")).await, &["type='result'"]);
+    a.published("incidents", "after").await;
+    let m = b.message().await;
+    has(&m, &[EVENT, "<item id='after'"]);
+    b.quiet().await;
+    // And it stays so across a new session (offline delivery starts after "while-off").
+    b.leave().await;
+    a.published("incidents", "away").await;
+    let mut b = Client::online(&g, "bob", "desk").await;
+    let m = b.message().await;
+    has(&m, &["<item id='away'", DELAY]);
+    b.quiet().await;
+    g.shutdown().await;
+}
+
+#[tokio::test]
 async fn subscribe_and_unsubscribe_with_their_errors() {
     let g = grid("ps-subscribe", &["alice", "bob"], |c| c.broker.max_subscriptions_per_platform = 2).await;
     let mut a = Client::login(&g, "alice", "r").await;
@@ -639,9 +684,10 @@ async fn subscribe_and_unsubscribe_with_their_errors() {
     has(&r, &["<subscription node='other' jid='bob@grid.test/desk' subid='", "subscription='subscribed'"]);
     // §6.1.3.9: the quota.
     error(&b.subscribe("third", "bob@grid.test").await, "wait", "policy-violation", Some("too-many-subscriptions"));
-    // Options of a subscription (§6.3.2): the form is empty but it names the subscription.
+    // Options of a subscription (§6.3.2): the form names the subscription and its pubsub#deliver.
     let r = b.pubsub("get", "<options node='incidents' jid='bob@grid.test'/>").await;
     has(&r, &[&format!("<options node='incidents' jid='bob@grid.test' subid='{subid}'>"), "pubsub#subscribe_options"]);
+    has(&r, &["<field var='pubsub#deliver' type='boolean' label='Enable delivery?'><value>1</value></field>"]);
     // §6.2: unsubscribe, with its errors.
     let r = b.pubsub("set", "<unsubscribe node='incidents' jid='bob@grid.test' subid='wrong'/>").await;
     error(&r, "modify", "not-acceptable", Some("invalid-subid"));

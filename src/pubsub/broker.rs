@@ -459,6 +459,12 @@ impl<S: BrokerStore + 'static> Task<S> {
                 self.send_error(&session, &stanza, protocol::error_for(&rendered_req, &e));
             }
             Ok(Outcome { reply, deliveries }) => {
+                if let Request::OptionsSet { node, jid, .. } = &rendered_req {
+                    // Delivery switched off or on: live state starts again from the
+                    // stored cursor (switched-off notifications are not replayed).
+                    let (svc, jid) = (&self.svc, jid.to_string());
+                    self.live.retain(|id, _| svc.subscription(id).is_some_and(|s| !(s.node == *node && s.jid == jid)));
+                }
                 let reply = self.viewed(reply, session.jid.bare());
                 let bytes = (stanza.name == "iq").then(|| self.result(&stanza, &session, &reply, &rendered_req));
                 let reply = bytes.map(|b| (session.clone(), b, stanza.attr("id").map(str::to_owned)));
@@ -937,7 +943,7 @@ mod tests {
         let ctx = Ctx { actor: Actor::Controller, login: None, now_ms: 1_700_000_000_000 };
         let create = ConfigPatch { publish_model: Some(PublishModel::Open), ..ConfigPatch::default() };
         svc.handle(&ctx, Request::Create { node: Some(NodeId("incidents".into())), config: create }).unwrap();
-        svc.handle(&ctx, Request::Subscribe { node: NodeId("incidents".into()), jid: Jid::parse("bob@grid.test").unwrap() })
+        svc.handle(&ctx, Request::Subscribe { node: NodeId("incidents".into()), jid: Jid::parse("bob@grid.test").unwrap(), deliver: None })
             .unwrap();
         for i in 1..=missed {
             svc.handle(&ctx, publish(&format!("i{i}"))).unwrap();

@@ -229,6 +229,14 @@ pub struct SubRecord {
     pub owner: BareJid,
     /// Seq of the last item delivered (offline delivery resumes after it).
     pub delivered: u64,
+    /// Subscription option `pubsub#deliver` (XEP-0060 §6.3): false pauses
+    /// every notification; turning it on again resumes with new items.
+    #[serde(default = "yes")]
+    pub deliver: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Who asks. The controller itself (e.g. for its alerts topic) is not a platform.
@@ -277,9 +285,12 @@ pub enum Request {
     /// `preconditions`: publish-options (XEP-0060 §7.1.5) that must match the node.
     Publish { node: NodeId, item_id: Option<String>, payload: Bytes, preconditions: ConfigPatch },
     Retract { node: NodeId, item_ids: Vec<String>, notify: bool },
-    Subscribe { node: NodeId, jid: Jid },
+    /// §6.1.1; `deliver` from options submitted with it (§6.3.7).
+    Subscribe { node: NodeId, jid: Jid, deliver: Option<bool> },
     Unsubscribe { node: NodeId, jid: Jid, subid: Option<String> },
     OptionsGet { node: NodeId, jid: Jid, subid: Option<String> },
+    /// §6.3.5: set subscription options (`pubsub#deliver`; None leaves it).
+    OptionsSet { node: NodeId, jid: Jid, subid: Option<String>, deliver: Option<bool> },
     Items { node: NodeId, max_items: Option<u32>, item_ids: Vec<String>, page: Option<Page> },
     Subscriptions { node: Option<NodeId> },
     Affiliations { node: Option<NodeId> },
@@ -311,6 +322,8 @@ pub struct SubView {
     pub jid: String,
     pub subid: String,
     pub state: SubState,
+    /// `pubsub#deliver`.
+    pub deliver: bool,
 }
 
 /// The reply to a request (the protocol layer renders it).

@@ -45,7 +45,7 @@ pub const FORM_SUBSCRIBE_AUTH: &str = "http://jabber.org/protocol/pubsub#subscri
 
 /// What the broker's disco#info advertises (§10, XEP-0030): exactly what the
 /// service implements. Not advertised, because not implemented: `get-pending`
-/// (ad-hoc commands), `subscription-options`, `retrieve-default-sub`,
+/// (ad-hoc commands), `retrieve-default-sub`,
 /// `multi-subscribe`, `collections`, `presence-*`, `access-presence`,
 /// `access-roster`, `auto-create`, `auto-subscribe`, `filtered-notifications`,
 /// `leased-subscription`, `multi-items`.
@@ -84,6 +84,7 @@ pub const FEATURES: &[&str] = &[
     "http://jabber.org/protocol/pubsub#rsm",
     "http://jabber.org/protocol/pubsub#subscribe",
     "http://jabber.org/protocol/pubsub#subscription-notifications",
+    "http://jabber.org/protocol/pubsub#subscription-options",
     ns::DISCO_INFO,
     ns::DISCO_ITEMS,
     NS_RSM,
@@ -296,16 +297,15 @@ fn parse_pubsub(ps: &Element, set: bool) -> Result<Request, StanzaError> {
             let notify = matches!(a.attr("notify"), Some("1" | "true"));
             Ok(Request::Retract { node, item_ids, notify })
         }
-        // §6.1.1; subscription options at subscribe time (§6.3.7) are not supported.
+        // §6.1.1, with subscription options (§6.3.7).
         ("subscribe", true) => {
             let node = node_attr(a)?;
             let jid = jid_attr(a)?;
-            if let Some(o) = ps.child("options", NS_PUBSUB)
-                && o.child("x", NS_DATA).is_some_and(|x| x.elements().any(|f| f.attr("var") != Some("FORM_TYPE")))
-            {
-                return Err(unsupported("subscription-options"));
-            }
-            Ok(Request::Subscribe { node, jid })
+            let deliver = match ps.child("options", NS_PUBSUB).and_then(|o| o.child("x", NS_DATA)) {
+                Some(x) => parse_sub_options(x)?,
+                None => None,
+            };
+            Ok(Request::Subscribe { node, jid, deliver })
         }
         // §6.2.1.
         ("unsubscribe", true) => {
@@ -313,13 +313,19 @@ fn parse_pubsub(ps: &Element, set: bool) -> Result<Request, StanzaError> {
             let jid = jid_attr(a)?;
             Ok(Request::Unsubscribe { node, jid, subid: subid_attr(a) })
         }
-        // §6.3.2 retrieve options; submitting them (§6.3.5) is not supported.
+        // §6.3.2 retrieve options, §6.3.5 submit them.
         ("options", false) => {
             let node = node_attr(a)?;
             let jid = jid_attr(a)?;
             Ok(Request::OptionsGet { node, jid, subid: subid_attr(a) })
         }
-        ("options", true) => Err(unsupported("subscription-options")),
+        ("options", true) => {
+            let node = node_attr(a)?;
+            let jid = jid_attr(a)?;
+            let x = a.child("x", NS_DATA).ok_or_else(|| bad_request("invalid-options"))?;
+            let deliver = parse_sub_options(x)?;
+            Ok(Request::OptionsSet { node, jid, subid: subid_attr(a), deliver })
+        }
         // §6.5.2 all items, §6.5.7 max_items, §6.5.8 by id, §6.5.4 RSM.
         ("items", false) => {
             let node = node_attr(a)?;
@@ -512,6 +518,39 @@ fn parse_node_config_holder(c: &Element) -> Result<Option<ConfigPatch>, StanzaEr
     }
 }
 
+/// A submitted subscribe_options form (§6.3.5, fields of §16.4.2): the
+/// `pubsub#deliver` value it asks for. Options with one behaviour here are
+/// accepted when they ask for it; anything else is §6.3.5's bad-request +
+/// invalid-options.
+fn parse_sub_options(x: &Element) -> Result<Option<bool>, StanzaError> {
+    let invalid = |text: String| bad_request("invalid-options").text(text);
+    if x.attr("type") != Some("submit") {
+        return Err(invalid("the data form must be of type submit".into()));
+    }
+    let f = read_fields(x);
+    if f.form_type.as_deref() != Some(FORM_SUBSCRIBE_OPTIONS) {
+        return Err(invalid(format!("the data form needs FORM_TYPE {FORM_SUBSCRIBE_OPTIONS}")));
+    }
+    let mut deliver = None;
+    for (var, values) in f.fields {
+        let Some(v) = values.first().map(|v| v.trim()) else { continue };
+        let flag = match v {
+            "1" | "true" => Some(true),
+            "0" | "false" => Some(false),
+            _ => None,
+        };
+        match (var, flag) {
+            ("pubsub#deliver", Some(d)) => deliver = Some(d),
+            ("pubsub#digest" | "pubsub#include_body", Some(false)) => {}
+            ("pubsub#subscription_type", _) if v == "items" => {}
+            ("pubsub#subscription_depth", _) if v == "1" => {}
+            _ if v.is_empty() => {}
+            _ => return Err(invalid(format!("{var}={v} is not supported"))),
+        }
+    }
+    Ok(deliver)
+}
+
 /// A submitted node_config or publish-options form as a patch.
 fn parse_form(x: &Element, form_type: &str, mode: Mode) -> Result<ConfigPatch, StanzaError> {
     if x.attr("type") != Some("submit") {
@@ -662,15 +701,26 @@ pub fn render_reply(reply: &Reply, request: &Request, broker: &str) -> Option<El
                 .with_attr("node", &node.0)
                 .with_child(Element::new("item", NS_PUBSUB).with_attr("id", item_id)),
         ),
-        // §6.3.2: the options of a subscription. We offer none (no
-        // `subscription-options` feature), so the form has only its FORM_TYPE.
-        Reply::Subscription(s) if matches!(request, Request::OptionsGet { .. }) => pubsub(
-            Element::new("options", NS_PUBSUB)
-                .with_attr("node", &s.node.0)
-                .with_attr("jid", &s.jid)
-                .with_attr("subid", &s.subid)
-                .with_child(Element::new("x", NS_DATA).with_attr("type", "form").with_child(hidden_form_type(FORM_SUBSCRIBE_OPTIONS))),
-        ),
+        // §6.3.2: the options of a subscription: `pubsub#deliver` (§16.4.2).
+        Reply::Subscription(s) if matches!(request, Request::OptionsGet { .. }) => {
+            let deliver = Element::new("field", NS_DATA)
+                .with_attr("var", "pubsub#deliver")
+                .with_attr("type", "boolean")
+                .with_attr("label", "Enable delivery?")
+                .with_child(Element::new("value", NS_DATA).with_text(if s.deliver { "1" } else { "0" }));
+            pubsub(
+                Element::new("options", NS_PUBSUB)
+                    .with_attr("node", &s.node.0)
+                    .with_attr("jid", &s.jid)
+                    .with_attr("subid", &s.subid)
+                    .with_child(
+                        Element::new("x", NS_DATA)
+                            .with_attr("type", "form")
+                            .with_child(hidden_form_type(FORM_SUBSCRIBE_OPTIONS))
+                            .with_child(deliver),
+                    ),
+            )
+        }
         // §6.1.2.
         Reply::Subscription(s) => pubsub(sub_element(s, NS_PUBSUB, true)),
         Reply::Subscriptions { node, subs } => {
@@ -1418,7 +1468,7 @@ mod tests {
     fn subscribe_unsubscribe_and_options() {
         assert_eq!(
             ps("set", "<subscribe node='princely_musings' jid='Francisco@Denmark.lit'/>"),
-            Ok(Request::Subscribe { node: node("princely_musings"), jid: jid("francisco@denmark.lit") })
+            Ok(Request::Subscribe { node: node("princely_musings"), jid: jid("francisco@denmark.lit"), deliver: None })
         );
         assert_eq!(
             ps(
@@ -1436,18 +1486,27 @@ mod tests {
             ps("get", "<options node='n' jid='francisco@denmark.lit'/>"),
             Ok(Request::OptionsGet { node: node("n"), jid: jid("francisco@denmark.lit"), subid: None })
         );
+        // §6.3.5: options submitted with a form; without one, bad-request + invalid-options.
         assert_eq!(
             fails(ps("set", "<options node='n' jid='francisco@denmark.lit'/>")),
-            ("cancel", "feature-not-implemented", Some("unsupported".into()))
+            ("modify", "bad-request", Some("invalid-options".into()))
         );
-        // An empty <options/> next to <subscribe/> asks for nothing.
+        let options = |fields: &str| format!("<options node='n' jid='a@b'>{}</options>", form(FORM_SUBSCRIBE_OPTIONS, fields));
+        assert_eq!(
+            ps("set", &options(&f("pubsub#deliver", "0"))),
+            Ok(Request::OptionsSet { node: node("n"), jid: jid("a@b"), subid: None, deliver: Some(false) })
+        );
+        assert_eq!(
+            ps("set", &options(&format!("{}{}", f("pubsub#deliver", "true"), f("pubsub#digest", "0")))),
+            Ok(Request::OptionsSet { node: node("n"), jid: jid("a@b"), subid: None, deliver: Some(true) })
+        );
+        for unsupported in [f("pubsub#digest", "1"), f("pubsub#expire", "2030-01-01T00:00:00Z"), f("pubsub#deliver", "maybe")] {
+            assert_eq!(fails(ps("set", &options(&unsupported))), ("modify", "bad-request", Some("invalid-options".into())));
+        }
+        // An empty <options/> next to <subscribe/> asks for nothing; a form is §6.3.7.
         assert!(ps("set", "<subscribe node='n' jid='a@b'/><options/>").is_ok());
-        let opts = format!(
-            "<subscribe node='n' jid='a@b'/><options>{}</options>",
-            form("http://jabber.org/protocol/pubsub#subscribe_options", &f("pubsub#deliver", "0"))
-        );
-        let e = ps("set", &opts).unwrap_err();
-        assert_eq!(e.app.as_ref().and_then(|a| a.attr("feature")), Some("subscription-options"));
+        let opts = format!("<subscribe node='n' jid='a@b'/><options>{}</options>", form(FORM_SUBSCRIBE_OPTIONS, &f("pubsub#deliver", "0")));
+        assert_eq!(ps("set", &opts), Ok(Request::Subscribe { node: node("n"), jid: jid("a@b"), deliver: Some(false) }));
     }
 
     #[test]
@@ -1699,7 +1758,7 @@ mod tests {
             s(&render_reply(&published, &req, BROKER).unwrap()),
             format!("<pubsub xmlns='{NS_PUBSUB}'><publish node='n'><item id='i1'/></publish></pubsub>")
         );
-        let sub = SubView { node: node("n"), jid: "a@b".into(), subid: "s1".into(), state: SubState::Pending };
+        let sub = SubView { node: node("n"), jid: "a@b".into(), subid: "s1".into(), state: SubState::Pending, deliver: true };
         let out = render_reply(&Reply::Subscription(sub), &req, BROKER).unwrap();
         assert_eq!(
             s(&out),
@@ -1710,8 +1769,8 @@ mod tests {
     }
 
     #[test]
-    fn options_get_renders_an_empty_options_form() {
-        let sub = SubView { node: node("n"), jid: "a@b".into(), subid: "s1".into(), state: SubState::Subscribed };
+    fn options_get_renders_the_deliver_option() {
+        let sub = SubView { node: node("n"), jid: "a@b".into(), subid: "s1".into(), state: SubState::Subscribed, deliver: true };
         let req = Request::OptionsGet { node: node("n"), jid: jid("a@b"), subid: None };
         let out = render_reply(&Reply::Subscription(sub), &req, BROKER).unwrap();
         assert_eq!(
@@ -1719,6 +1778,7 @@ mod tests {
             format!(
                 "<pubsub xmlns='{NS_PUBSUB}'><options node='n' jid='a@b' subid='s1'><x xmlns='jabber:x:data' \
                  type='form'><field var='FORM_TYPE' type='hidden'><value>{FORM_SUBSCRIBE_OPTIONS}</value></field>\
+                 <field var='pubsub#deliver' type='boolean' label='Enable delivery?'><value>1</value></field>\
                  </x></options></pubsub>"
             )
         );
@@ -1752,7 +1812,7 @@ mod tests {
     #[test]
     fn subscriptions_and_affiliations_in_user_and_owner_namespaces() {
         let subs =
-            vec![SubView { node: node("n"), jid: "a@b/r".into(), subid: "s1".into(), state: SubState::Subscribed }];
+            vec![SubView { node: node("n"), jid: "a@b/r".into(), subid: "s1".into(), state: SubState::Subscribed, deliver: true }];
         let reply = Reply::Subscriptions { node: None, subs };
         let user = render_reply(&reply, &Request::Subscriptions { node: None }, BROKER).unwrap();
         assert_eq!(
@@ -1797,7 +1857,7 @@ mod tests {
         assert_eq!((id.attr("category"), id.attr("type")), (Some("pubsub"), Some("service")));
         let vars: Vec<&str> = out.elements().filter_map(|e| e.attr("var")).collect();
         assert_eq!(vars, FEATURES);
-        for not_implemented in ["get-pending", "multi-subscribe", "subscription-options", "collections"] {
+        for not_implemented in ["get-pending", "multi-subscribe", "collections"] {
             assert!(!vars.iter().any(|v| v.ends_with(&format!("#{not_implemented}"))), "{not_implemented}");
         }
         let mut sorted = vars.clone();
@@ -1989,7 +2049,7 @@ mod tests {
         let some = |s: &str| Some(s.to_owned());
         let items = Request::Items { node: node("n"), max_items: None, item_ids: vec![], page: None };
         let unsub = Request::Unsubscribe { node: node("n"), jid: jid("a@grid.test"), subid: None };
-        let sub = Request::Subscribe { node: node("n"), jid: jid("a@grid.test") };
+        let sub = Request::Subscribe { node: node("n"), jid: jid("a@grid.test"), deliver: None };
         let create = Request::Create { node: Some(node("n")), config: ConfigPatch::default() };
         let limit = PubsubError::LimitReached("a platform may hold at most 2 subscriptions".into());
         // §6.5.9.3 vs §6.2.3.2.

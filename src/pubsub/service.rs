@@ -212,13 +212,33 @@ impl<S: BrokerStore> Service<S> {
                 self.publish(ctx, node, item_id, payload, preconditions)
             }
             Request::Retract { node, item_ids, notify } => self.retract(ctx, node, item_ids, notify),
-            Request::Subscribe { node, jid } => self.subscribe(ctx, node, jid),
+            Request::Subscribe { node, jid, deliver } => {
+                let out = self.subscribe(ctx, node.clone(), jid.clone())?;
+                match deliver {
+                    // §6.3.7: the options submitted with the subscription.
+                    Some(false) => {
+                        let subid = match &out.reply {
+                            Reply::Subscription(s) => Some(s.subid.clone()),
+                            _ => None,
+                        };
+                        self.set_options(ctx, node, jid, subid, Some(false))?;
+                        let mut out = out;
+                        if let Reply::Subscription(s) = &mut out.reply {
+                            s.deliver = false;
+                        }
+                        // Nothing to deliver now (the last published item included).
+                        out.deliveries.retain(|d| !matches!(d.event, Event::Items { .. }));
+                        Ok(out)
+                    }
+                    _ => Ok(out),
+                }
+            }
             Request::Unsubscribe { node, jid, subid } => self.unsubscribe(ctx, node, jid, subid),
             Request::OptionsGet { node, jid, subid } => {
-                // We keep no per-subscription options: show the subscription itself.
                 let sub = self.find_sub(ctx, &node, &jid, subid.as_deref())?;
                 Ok(Outcome::reply(Reply::Subscription(view(sub))))
             }
+            Request::OptionsSet { node, jid, subid, deliver } => self.set_options(ctx, node, jid, subid, deliver),
             Request::Items { node, max_items, item_ids, page } => self.items(ctx, node, max_items, item_ids, page),
             Request::Subscriptions { node } => {
                 let me = ctx.actor.platform().cloned();
@@ -673,6 +693,7 @@ impl<S: BrokerStore> Service<S> {
             owner: owner.clone(),
             // Only items published from now on; the last one too when configured.
             delivered: n.last_seq(),
+            deliver: true,
         };
         let owners = n.owners();
         let send_last = n.rec.config.send_last_published_item == SendLast::OnSub;
@@ -719,6 +740,32 @@ impl<S: BrokerStore> Service<S> {
                 _ => Err(PubsubError::SubidRequired),
             },
         }
+    }
+
+    /// §6.3.5. Turning delivery back on resumes with items published from now
+    /// on: notifications that were switched off are not replayed.
+    fn set_options(
+        &mut self,
+        ctx: &Ctx,
+        node: NodeId,
+        jid: Jid,
+        subid: Option<String>,
+        deliver: Option<bool>,
+    ) -> Result<Outcome, PubsubError> {
+        let id = self.find_sub(ctx, &node, &jid, subid.as_deref())?.subid.clone();
+        let last = self.node(&node)?.last_seq();
+        let Some(sub) = self.subs.get_mut(&id) else { return Err(PubsubError::NotSubscribed) };
+        if let Some(d) = deliver
+            && d != sub.deliver
+        {
+            sub.deliver = d;
+            if d {
+                sub.delivered = sub.delivered.max(last);
+            }
+            let rec = sub.clone();
+            self.store.put_sub(&rec).map_err(storage)?;
+        }
+        Ok(Outcome::reply(Reply::Empty))
     }
 
     fn unsubscribe(&mut self, ctx: &Ctx, node: NodeId, jid: Jid, subid: Option<String>) -> Result<Outcome, PubsubError> {
@@ -870,6 +917,7 @@ impl<S: BrokerStore> Service<S> {
                         state: st,
                         owner: jid.bare().clone(),
                         delivered: last,
+                        deliver: true,
                     };
                     self.store.put_sub(&sub).map_err(storage)?;
                     if let Some(n) = self.nodes.get_mut(&node) {
@@ -956,7 +1004,12 @@ impl<S: BrokerStore> Service<S> {
         self.nodes
             .get(node)
             .map(|n| {
-                n.subs.iter().filter_map(|id| self.subs.get(id)).filter(|s| s.state == SubState::Subscribed).map(target).collect()
+                n.subs
+                    .iter()
+                    .filter_map(|id| self.subs.get(id))
+                    .filter(|s| s.state == SubState::Subscribed && s.deliver)
+                    .map(target)
+                    .collect()
             })
             .unwrap_or_default()
     }
@@ -965,7 +1018,9 @@ impl<S: BrokerStore> Service<S> {
     pub fn subscriptions_of(&self, platform: &BareJid) -> Vec<SubRecord> {
         self.by_platform
             .get(platform)
-            .map(|ids| ids.iter().filter_map(|id| self.subs.get(id)).filter(|s| s.state == SubState::Subscribed).cloned().collect())
+            .map(|ids| {
+                ids.iter().filter_map(|id| self.subs.get(id)).filter(|s| s.state == SubState::Subscribed && s.deliver).cloned().collect()
+            })
             .unwrap_or_default()
     }
 
@@ -1025,7 +1080,7 @@ fn target(s: &SubRecord) -> Target {
 }
 
 fn view(s: &SubRecord) -> SubView {
-    SubView { node: s.node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: s.state }
+    SubView { node: s.node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: s.state, deliver: s.deliver }
 }
 
 fn page_info(metas: &[&ItemMeta], count: usize) -> PageInfo {
@@ -1139,7 +1194,7 @@ mod tests {
     }
 
     fn subscribe(node: &str, who: &str) -> Request {
-        Request::Subscribe { node: n(node), jid: jid(who) }
+        Request::Subscribe { node: n(node), jid: jid(who), deliver: None }
     }
 
     fn items(node: &str) -> Request {
@@ -1795,6 +1850,7 @@ mod tests {
                 state: SubState::Subscribed,
                 owner: p("bob"),
                 delivered: 0,
+                deliver: true,
             };
             store.put_sub(&sub).unwrap();
         }
@@ -1847,6 +1903,34 @@ mod tests {
             f.err("carol", Request::OptionsGet { node: n("incidents"), jid: jid("carol@grid.test"), subid: None }),
             PubsubError::NotSubscribed
         );
+    }
+
+    #[test]
+    fn delivery_switched_off_stops_notifications_and_on_resumes_without_replay() {
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        f.subscribe("bob", "incidents");
+        let set = |d: bool| Request::OptionsSet { node: n("incidents"), jid: jid("bob@grid.test"), subid: None, deliver: Some(d) };
+        let pub_ = |id: &str| publish("incidents", Some(id), "x");
+        assert_eq!(f.ok("bob", set(false)).reply, Reply::Empty);
+        let o = f.ok("bob", Request::OptionsGet { node: n("incidents"), jid: jid("bob@grid.test"), subid: None });
+        assert!(matches!(o.reply, Reply::Subscription(SubView { deliver: false, .. })), "{o:?}");
+        let o = f.ok("alice", pub_("while-off"));
+        assert!(recipients(&o, "items").is_empty(), "{o:?}");
+        // Offline delivery would not start from it either.
+        assert!(f.svc.subscriptions_of(&p("bob")).is_empty());
+        f.ok("bob", set(true));
+        let sub = f.svc.subscriptions_of(&p("bob")).pop().unwrap();
+        assert_eq!(sub.delivered, f.svc.head(&n("incidents")), "what was switched off is not replayed");
+        let o = f.ok("alice", pub_("after"));
+        assert_eq!(recipients(&o, "items"), ["bob@grid.test"]);
+        // Others may not change bob's options.
+        assert_eq!(f.err("carol", set(false)), PubsubError::Forbidden);
+        // Options at subscribe time (§6.3.7).
+        let o = f.ok("carol", Request::Subscribe { node: n("incidents"), jid: jid("carol@grid.test"), deliver: Some(false) });
+        assert!(matches!(o.reply, Reply::Subscription(SubView { deliver: false, .. })), "{o:?}");
+        let o = f.ok("alice", pub_("later"));
+        assert_eq!(recipients(&o, "items"), ["bob@grid.test"]);
     }
 
     // ---- access models ------------------------------------------------------
