@@ -66,7 +66,6 @@ fn main() {
         .unwrap_or_else(|e| panic!("plugin host: {e}"));
     let empty = cache.join("none");
     let _ = std::fs::create_dir_all(&empty);
-    let t = Instant::now();
     let report = host.reload(&empty);
     println!("loaded {:?} in {:.1} ms (compile; cached afterwards)", report.loaded, t.elapsed().as_secs_f64() * 1e3);
     let t = Instant::now();

@@ -960,7 +960,8 @@ mod tests {
         use Action::*;
         let a = CedarAuthorizer::load(&shipped(), platforms()).unwrap();
         // (platform, action, topic, authn, allowed, determining policies)
-        let table: &[(&str, Action, &str, &str, bool, &[&str])] = &[
+        type Row<'a> = (&'a str, Action, &'a str, &'a str, bool, &'a [&'a str]);
+        let table: &[Row] = &[
             // everyone: connect and discover; no role gives nothing more
             ("nobody", Connect, "", "SCRAM-SHA-256", true, &["connect"]),
             ("nobody", Discover, "incidents", "PLAIN", true, &["discover"]),

@@ -418,6 +418,7 @@ mod tests {
     }
 
     #[derive(Subcommand, Debug)]
+    #[allow(clippy::large_enum_variant)] // a test's copy of the main command line
     enum MainCmd {
         Serve,
         // Act as a platform: topics, publish, subscribe, retrieve.
