@@ -12,6 +12,14 @@
 //! enumerations and xs:dateTime, xs:ID uniqueness, foreign-namespace content.
 //! This module must stay free of I/O and of the WIT bindings, so it runs
 //! natively under `cargo test`.
+//!
+//! It runs once per published payload inside a fresh sandbox, so it keeps
+//! allocation and work per element low: paths are built only for reported
+//! violations, attributes are read in one pass into a fixed-size record, and
+//! plain documents take an allocation-free tokenizer (`plain`) with quick-xml
+//! as the fallback for everything else.
+
+use std::borrow::Cow;
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::escape::resolve_predefined_entity;
@@ -20,6 +28,8 @@ use quick_xml::reader::NsReader;
 use quick_xml::XmlVersion;
 
 use crate::datetime;
+
+mod plain;
 use crate::schema::{self, ElementRule, IODEF_NS, IODEF_VERSION};
 
 /// Violations reported in full; the rest are summarised in one more entry.
@@ -42,8 +52,17 @@ pub fn validate(payload: &[u8]) -> Result<(), Vec<Violation>> {
             e.valid_up_to()
         ))
     })?;
-    let mut checker = Checker::default();
-    checker.run(text.strip_prefix('\u{feff}').unwrap_or(text))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut checker = Checker::new();
+    match plain::run(text, &mut checker) {
+        Ok(()) => {}
+        Err(plain::Stop::Fatal(list)) => return Err(list),
+        Err(plain::Stop::GiveUp) => {
+            // Whatever the plain lane reported is dropped with its checker.
+            checker = Checker::new();
+            checker.run(text)?;
+        }
+    }
     checker.report.finish()
 }
 
@@ -76,29 +95,57 @@ impl Report {
     }
 }
 
-/// An open element.
+/// Open elements deeper than this make the stack grow beyond its first
+/// allocation; IODEF documents rarely nest past a dozen.
+const USUAL_DEPTH: usize = 32;
+
+/// Room for the text of an xs:dateTime element (with whitespace around it)
+/// without growing the buffer.
+const USUAL_TEXT: usize = 64;
+
+/// An open element. Frames hold no path: the path of a violation is built
+/// from the stack only when one is reported, so a valid document allocates
+/// almost nothing per element.
 struct Frame {
-    path: String,
+    /// Local name; borrowed from the schema for IODEF elements it knows.
+    name: Cow<'static, str>,
+    /// The `[n]` shown in paths, for elements the schema allows more than once.
+    index: Option<u32>,
     rule: Option<&'static ElementRule>,
     /// Cursor in the content model: current slot and how often it matched.
     slot: usize,
     count: u32,
-    last_child: Option<String>,
-    /// Children seen so far per local name, for `[n]` indices.
-    siblings: Vec<(String, u32)>,
-    /// Text content, collected only for xs:dateTime elements.
-    text: String,
+    /// The last child placed in the content model, for out-of-order messages.
+    last_child: Option<&'static str>,
+    /// Where this element's children start in `Checker::siblings`.
+    siblings_from: usize,
+    /// Where this element's text starts in `Checker::text` (xs:dateTime only).
+    text_from: usize,
     stray_text_reported: bool,
 }
 
-#[derive(Default)]
 struct Checker {
     report: Report,
     stack: Vec<Frame>,
+    /// Children seen per local name, for `[n]` indices: one run per open
+    /// element (from its `siblings_from`), dropped when it closes.
+    siblings: Vec<(Cow<'static, str>, u32)>,
+    /// Text of the open xs:dateTime elements, each from its `text_from`.
+    text: String,
     root_seen: bool,
 }
 
 impl Checker {
+    fn new() -> Self {
+        Checker {
+            report: Report::default(),
+            stack: Vec::with_capacity(USUAL_DEPTH),
+            siblings: Vec::with_capacity(USUAL_DEPTH),
+            text: String::with_capacity(USUAL_TEXT),
+            root_seen: false,
+        }
+    }
+
     fn run(&mut self, text: &str) -> Result<(), Vec<Violation>> {
         let mut reader = NsReader::from_str(text);
         reader.config_mut().check_comments = true;
@@ -116,13 +163,14 @@ impl Checker {
                 Event::Text(t) => self.text(&t.xml10_content())?,
                 Event::CData(t) => self.text(&t.xml10_content())?,
                 Event::GeneralRef(r) => {
+                    let mut utf8 = [0; 4];
                     let resolved = if r.is_char_ref() {
-                        r.resolve_char_ref().ok().flatten().map(String::from)
+                        r.resolve_char_ref().ok().flatten().map(|c| &*c.encode_utf8(&mut utf8))
                     } else {
-                        resolve_predefined_entity(&r.xml10_content()).map(String::from)
+                        resolve_predefined_entity(&r.xml10_content())
                     };
                     match resolved {
-                        Some(s) => self.text(&s)?,
+                        Some(s) => self.text(s)?,
                         None => {
                             return Err(fatal(format!(
                                 "malformed XML: undefined or invalid reference `&{};`",
@@ -151,8 +199,11 @@ impl Checker {
                 Event::Eof => break,
             }
         }
-        if let Some(open) = self.stack.last() {
-            return Err(fatal(format!("malformed XML: unexpected end of input inside {}", open.path)));
+        if !self.stack.is_empty() {
+            return Err(fatal(format!(
+                "malformed XML: unexpected end of input inside {}",
+                path(&self.stack)
+            )));
         }
         if !self.root_seen {
             return Err(fatal("no root element".into()));
@@ -169,69 +220,85 @@ impl Checker {
                 return Err(fatal(format!("malformed XML: namespace prefix `{prefix}` is not declared")));
             }
         };
-        let local = local.into_inner();
-        let (path, rule) = match self.stack.last_mut() {
-            None => {
-                if self.root_seen {
-                    return Err(fatal("malformed XML: more than one root element".into()));
-                }
-                self.root_seen = true;
-                check_root(ns, local)?;
-                ("/IODEF-Document".to_owned(), schema::rule("IODEF-Document"))
+        self.enter(ns, local.into_inner(), |rule| Attributes::read(e, rule))
+    }
+
+    /// Opens element `local` in namespace `ns`; `attributes` reads its
+    /// attributes once the element's rule is known. Shared by both lanes.
+    fn enter<'e>(
+        &mut self,
+        ns: Option<&str>,
+        local: &str,
+        attributes: impl FnOnce(Option<&'static ElementRule>) -> Result<Attributes<'e>, Vec<Violation>>,
+    ) -> Result<(), Vec<Violation>> {
+        let (name, index, rule) = if self.stack.is_empty() {
+            if self.root_seen {
+                return Err(fatal("malformed XML: more than one root element".into()));
             }
-            Some(parent) => {
-                let path = parent.place(&schema::model_name(ns, local), local, &mut self.report);
-                let rule = if ns == Some(IODEF_NS) { schema::rule(local) } else { None };
-                (path, rule)
-            }
+            self.root_seen = true;
+            check_root(ns, local)?;
+            (Cow::Borrowed("IODEF-Document"), None, schema::rule("IODEF-Document"))
+        } else {
+            let rule = if ns == Some(IODEF_NS) { schema::rule(local) } else { None };
+            let name = match rule {
+                Some(r) => Cow::Borrowed(r.name),
+                None => Cow::Owned(local.to_owned()),
+            };
+            let index = self.place(&schema::model_name(ns, local), name.clone());
+            (name, index, rule)
         };
-        let attrs = attributes(e)?;
-        if self.stack.is_empty() {
-            check_version(&attrs, &path, &mut self.report);
-        }
-        if let Some(rule) = rule {
-            check_attributes(rule, &attrs, &path, &mut self.report);
-        }
-        self.stack.push(Frame {
-            path,
+        let child = Frame {
+            name,
+            index,
             rule,
             slot: 0,
             count: 0,
             last_child: None,
-            siblings: Vec::new(),
-            text: String::new(),
+            siblings_from: self.siblings.len(),
+            text_from: self.text.len(),
             stray_text_reported: false,
-        });
+        };
+        let attrs = attributes(rule)?;
+        let at = |name: &str| format!("{}/@{name}", path(self.stack.iter().chain([&child])));
+        if self.stack.is_empty() {
+            check_version(attrs.version.as_deref(), at, &mut self.report);
+        }
+        if let Some(rule) = rule {
+            check_attributes(rule, &attrs, at, &mut self.report);
+        }
+        self.stack.push(child);
         Ok(())
     }
 
     fn close(&mut self) {
-        let Some(frame) = self.stack.pop() else { return };
-        let Some(rule) = frame.rule else { return };
-        if let Some(slots) = rule.children {
-            for (k, slot) in slots.iter().enumerate().skip(frame.slot) {
-                let have = if k == frame.slot { frame.count } else { 0 };
-                if have < slot.min {
+        let Some(frame) = self.stack.last() else { return };
+        if let Some(rule) = frame.rule {
+            if let Some(slots) = rule.children {
+                for (k, slot) in slots.iter().enumerate().skip(frame.slot) {
+                    let have = if k == frame.slot { frame.count } else { 0 };
+                    if have < slot.min {
+                        self.report
+                            .push(path(&self.stack), format!("missing required element {}", names(slot.names)));
+                    }
+                }
+            }
+            if rule.date_time {
+                let value = self.text[frame.text_from..].trim();
+                if let Err(why) = datetime::check(value) {
                     self.report.push(
-                        frame.path.clone(),
-                        format!("missing required element {}", names(slot.names)),
+                        path(&self.stack),
+                        format!("`{value}` is not an RFC 3339 date-time (RFC 7970 §2.2.8): {why}"),
                     );
                 }
             }
         }
-        if rule.date_time {
-            let value = frame.text.trim();
-            if let Err(why) = datetime::check(value) {
-                self.report.push(
-                    frame.path.clone(),
-                    format!("`{value}` is not an RFC 3339 date-time (RFC 7970 §2.2.8): {why}"),
-                );
-            }
-        }
+        self.text.truncate(frame.text_from);
+        self.siblings.truncate(frame.siblings_from);
+        self.stack.pop();
     }
 
     fn text(&mut self, content: &str) -> Result<(), Vec<Violation>> {
-        let blank = content.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
+        let blank = content.bytes().all(|c| matches!(c, b' ' | b'\t' | b'\r' | b'\n'));
         let Some(frame) = self.stack.last_mut() else {
             return if blank {
                 Ok(())
@@ -241,80 +308,103 @@ impl Checker {
         };
         let Some(rule) = frame.rule else { return Ok(()) };
         if rule.date_time {
-            frame.text.push_str(content);
+            self.text.push_str(content);
         } else if !blank && !frame.stray_text_reported && rule.children.is_some_and(|s| !s.is_empty()) {
             frame.stray_text_reported = true;
-            self.report.push(frame.path.clone(), format!("`{}` holds elements only, not text", rule.name));
+            self.report.push(path(&self.stack), format!("`{}` holds elements only, not text", rule.name));
         }
         Ok(())
     }
-}
 
-impl Frame {
-    /// Places child `key` in this element's content model, reporting order and
-    /// count problems, and returns the child's path.
-    fn place(&mut self, key: &str, local: &str, report: &mut Report) -> String {
-        let nth = match self.siblings.iter_mut().find(|(n, _)| n == local) {
+    /// Places child `key` (named `local`) in the content model of the
+    /// innermost open element, reporting order and count problems, and
+    /// returns the `[n]` index its path shows, if any.
+    fn place(&mut self, key: &str, local: Cow<'static, str>) -> Option<u32> {
+        let nth = self.count_sibling(local.clone());
+        let Some(parent) = self.stack.last_mut() else { return Some(nth) };
+        let Some(slots) = parent.rule.and_then(|r| r.children) else { return Some(nth) };
+        let parent_name = parent.rule.map_or("", |r| r.name);
+        let child_path = |stack: &[Frame], indexed: bool| {
+            let parent = path(stack);
+            if indexed { format!("{parent}/{local}[{nth}]") } else { format!("{parent}/{local}") }
+        };
+        let found = slots.iter().enumerate().skip(parent.slot).find_map(|(j, s)| {
+            s.names.iter().find(|n| **n == key).map(|n| (j, s, *n))
+        });
+        match found {
+            Some((j, slot, name)) => {
+                parent.last_child = Some(name);
+                if j == parent.slot {
+                    parent.count += 1;
+                    if let Some(max) = slot.max.filter(|max| parent.count > *max) {
+                        self.report.push(
+                            path(&self.stack),
+                            format!("too many `{key}` elements in `{parent_name}` (at most {max})"),
+                        );
+                    }
+                } else {
+                    let (from, count) = (parent.slot, parent.count);
+                    parent.slot = j;
+                    parent.count = 1;
+                    for (k, skipped) in slots.iter().enumerate().take(j).skip(from) {
+                        let have = if k == from { count } else { 0 };
+                        if have < skipped.min {
+                            self.report.push(
+                                path(&self.stack),
+                                format!("missing required element {} before `{key}`", names(skipped.names)),
+                            );
+                        }
+                    }
+                }
+                (slot.max != Some(1)).then_some(nth)
+            }
+            None => {
+                let earlier = slots.iter().take(parent.slot).find(|s| s.names.contains(&key));
+                let (indexed, message) = match earlier {
+                    Some(slot) => (
+                        slot.max != Some(1),
+                        format!(
+                            "element `{key}` is out of order in `{parent_name}`: it must come before `{}`",
+                            parent.last_child.unwrap_or_default()
+                        ),
+                    ),
+                    None => (true, format!("unexpected element `{key}` in `{parent_name}`")),
+                };
+                self.report.push(child_path(&self.stack, indexed), message);
+                indexed.then_some(nth)
+            }
+        }
+    }
+
+    /// Counts one more child named `local` in the innermost open element and
+    /// returns how many it now has.
+    fn count_sibling(&mut self, local: Cow<'static, str>) -> u32 {
+        let from = self.stack.last().map_or(0, |f| f.siblings_from);
+        match self.siblings[from..].iter_mut().find(|(n, _)| *n == local) {
             Some((_, n)) => {
                 *n += 1;
                 *n
             }
             None => {
-                self.siblings.push((local.to_owned(), 1));
+                self.siblings.push((local, 1));
                 1
             }
-        };
-        let mut indexed = true;
-        let mut problem = None;
-        if let Some(slots) = self.rule.and_then(|r| r.children) {
-            let parent = self.rule.map_or("", |r| r.name);
-            let found = slots.iter().enumerate().skip(self.slot).find(|(_, s)| s.names.contains(&key));
-            match found {
-                Some((j, slot)) => {
-                    indexed = slot.max != Some(1);
-                    if j == self.slot {
-                        self.count += 1;
-                        if let Some(max) = slot.max.filter(|max| self.count > *max) {
-                            report.push(
-                                self.path.clone(),
-                                format!("too many `{key}` elements in `{parent}` (at most {max})"),
-                            );
-                        }
-                    } else {
-                        for (k, skipped) in slots.iter().enumerate().take(j).skip(self.slot) {
-                            let have = if k == self.slot { self.count } else { 0 };
-                            if have < skipped.min {
-                                report.push(
-                                    self.path.clone(),
-                                    format!("missing required element {} before `{key}`", names(skipped.names)),
-                                );
-                            }
-                        }
-                        self.slot = j;
-                        self.count = 1;
-                    }
-                }
-                None => match slots.iter().take(self.slot).find(|s| s.names.contains(&key)) {
-                    Some(slot) => {
-                        indexed = slot.max != Some(1);
-                        let last = self.last_child.as_deref().unwrap_or_default();
-                        problem = Some(format!(
-                            "element `{key}` is out of order in `{parent}`: it must come before `{last}`"
-                        ));
-                    }
-                    None => problem = Some(format!("unexpected element `{key}` in `{parent}`")),
-                },
-            }
         }
-        if problem.is_none() {
-            self.last_child = Some(key.to_owned());
-        }
-        let path = if indexed { format!("{}/{local}[{nth}]", self.path) } else { format!("{}/{local}", self.path) };
-        if let Some(message) = problem {
-            report.push(path.clone(), message);
-        }
-        path
     }
+}
+
+/// The path of the innermost of `frames` (root first), such as
+/// `/IODEF-Document/Incident[1]/Contact[2]`.
+fn path<'f>(frames: impl IntoIterator<Item = &'f Frame>) -> String {
+    let mut out = String::new();
+    for frame in frames {
+        out.push('/');
+        out.push_str(&frame.name);
+        if let Some(n) = frame.index {
+            out.push_str(&format!("[{n}]"));
+        }
+    }
+    out
 }
 
 /// The root must be `IODEF-Document` in the IODEF 2.0 namespace (RFC 7970 §3.1).
@@ -334,62 +424,135 @@ fn check_root(ns: Option<&str>, local: &str) -> Result<(), Vec<Violation>> {
 }
 
 /// RFC 7970 §3.1: `version` is REQUIRED and is "2.00" (the schema only fixes it).
-fn check_version(attrs: &[(String, String)], path: &str, report: &mut Report) {
-    match attr(attrs, "version") {
+/// `at` gives the location of an attribute.
+fn check_version(version: Option<&str>, at: impl Fn(&str) -> String, report: &mut Report) {
+    match version {
         None => report.push(
-            format!("{path}/@version"),
+            at("version"),
             format!("missing required attribute `version` (must be \"{IODEF_VERSION}\")"),
         ),
-        Some(v) if v != IODEF_VERSION => report.push(
-            format!("{path}/@version"),
-            format!("`version` must be \"{IODEF_VERSION}\", found \"{v}\""),
-        ),
+        Some(v) if v != IODEF_VERSION => {
+            report.push(at("version"), format!("`version` must be \"{IODEF_VERSION}\", found \"{v}\""))
+        }
         Some(_) => {}
     }
 }
 
-fn check_attributes(rule: &ElementRule, attrs: &[(String, String)], path: &str, report: &mut Report) {
-    for name in rule.required_attrs {
-        if attr(attrs, name).is_none() {
-            report.push(format!("{path}/@{name}"), format!("missing required attribute `{name}`"));
+fn check_attributes(rule: &ElementRule, attrs: &Attributes<'_>, at: impl Fn(&str) -> String, report: &mut Report) {
+    for (i, name) in rule.required_attrs.iter().enumerate() {
+        if attrs.required & (1 << i) == 0 {
+            report.push(at(name), format!("missing required attribute `{name}`"));
         }
     }
-    for (name, allowed) in rule.enum_attrs {
+    for (i, (name, allowed)) in rule.enum_attrs.iter().enumerate() {
         // NMTOKEN values collapse whitespace (XSD Part 2 §3.3.4).
-        let Some(value) = attr(attrs, name).map(str::trim) else { continue };
+        let Some(value) = attrs.enums[i].as_deref().map(str::trim) else { continue };
         if !allowed.contains(&value) {
             report.push(
-                format!("{path}/@{name}"),
+                at(name),
                 format!("`{value}` is not an allowed value of `{name}`; expected one of: {}", allowed.join(", ")),
             );
-        } else if value == "ext-value" && attr(attrs, &format!("ext-{name}")).is_none() {
+        } else if value == "ext-value" && attrs.ext & (1 << i) == 0 {
             report.push(
-                format!("{path}/@{name}"),
+                at(name),
                 format!("`{name}` is `ext-value` but the `ext-{name}` attribute is missing (RFC 7970 §5.1)"),
             );
         }
     }
 }
 
-/// The element's unprefixed attributes, values normalised; namespace
-/// declarations and prefixed (foreign) attributes are left out.
-fn attributes(e: &BytesStart<'_>) -> Result<Vec<(String, String)>, Vec<Violation>> {
-    let mut out = Vec::new();
-    for a in e.attributes() {
-        let a = a.map_err(|err| fatal(format!("malformed XML: bad attribute: {err}")))?;
-        if a.key.as_namespace_binding().is_some() || a.key.prefix().is_some() {
-            continue;
-        }
-        let value = a
-            .normalized_value(XmlVersion::Implicit1_0)
-            .map_err(|err| fatal(format!("malformed XML: bad attribute value: {err}")))?;
-        out.push((a.key.into_inner().to_owned(), value.into_owned()));
-    }
-    Ok(out)
+/// Most enumerated attributes any element of the schema has (a test checks
+/// the tables against it).
+const MAX_ENUM_ATTRS: usize = 5;
+
+/// What the checks need from a start tag's unprefixed attributes (namespace
+/// declarations and prefixed, foreign attributes are left out), gathered in
+/// one pass: values are normalised but kept only where a check reads them.
+#[derive(Default)]
+struct Attributes<'e> {
+    /// `version`, read on every element but checked on the root only.
+    version: Option<Cow<'e, str>>,
+    /// Bit `i` set: `rule.required_attrs[i]` is present.
+    required: u32,
+    /// The value of each of `rule.enum_attrs`, by position.
+    enums: [Option<Cow<'e, str>>; MAX_ENUM_ATTRS],
+    /// Bit `i` set: `ext-` + `rule.enum_attrs[i].0` is present.
+    ext: u32,
 }
 
-fn attr<'a>(attrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    attrs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// Attribute names the duplicate check below remembers; a start tag with
+/// more goes the slow way.
+const USUAL_ATTRS: usize = 16;
+
+/// Why a pass over the attributes stopped.
+enum AttrStop {
+    Fatal(Vec<Violation>),
+    /// A repeated (or too many) names: read again with quick-xml's own check.
+    Recheck,
+}
+
+impl<'e> Attributes<'e> {
+    /// Reads the attributes with a duplicate check on the stack. quick-xml's
+    /// own check allocates per start tag, so it only runs, to word the
+    /// error exactly, when a name repeats (XML 1.0 §3.1 "Unique Att Spec").
+    fn read(e: &'e BytesStart<'_>, rule: Option<&ElementRule>) -> Result<Self, Vec<Violation>> {
+        match Self::read_with(e, rule, false) {
+            Ok(attrs) => Ok(attrs),
+            Err(AttrStop::Fatal(v)) => Err(v),
+            Err(AttrStop::Recheck) => Self::read_with(e, rule, true).map_err(|stop| match stop {
+                AttrStop::Fatal(v) => v,
+                AttrStop::Recheck => fatal("malformed XML: bad attribute".into()),
+            }),
+        }
+    }
+
+    fn read_with(e: &'e BytesStart<'_>, rule: Option<&ElementRule>, checked: bool) -> Result<Self, AttrStop> {
+        let mut out = Attributes::default();
+        let mut seen = [""; USUAL_ATTRS];
+        let mut seen_len = 0;
+        let mut all = e.attributes();
+        all.with_checks(checked);
+        for a in all {
+            let a = a.map_err(|err| AttrStop::Fatal(fatal(format!("malformed XML: bad attribute: {err}"))))?;
+            let key = a.key.into_inner();
+            if !checked {
+                if seen_len == USUAL_ATTRS || seen[..seen_len].contains(&key) {
+                    return Err(AttrStop::Recheck);
+                }
+                seen[seen_len] = key;
+                seen_len += 1;
+            }
+            if a.key.as_namespace_binding().is_some() || a.key.prefix().is_some() {
+                continue;
+            }
+            // Every value is normalised, even unchecked ones: a bad
+            // reference anywhere makes the document malformed.
+            let value = a.normalized_value(XmlVersion::Implicit1_0).map_err(|err| {
+                AttrStop::Fatal(fatal(format!("malformed XML: bad attribute value: {err}")))
+            })?;
+            out.add(rule, key, value);
+        }
+        Ok(out)
+    }
+
+    /// Records unprefixed attribute `key` with its normalised `value`.
+    fn add(&mut self, rule: Option<&ElementRule>, key: &str, value: Cow<'e, str>) {
+        if key == "version" {
+            self.version = Some(value.clone());
+        }
+        let Some(rule) = rule else { return };
+        if let Some(i) = rule.required_attrs.iter().position(|n| *n == key) {
+            self.required |= 1 << i;
+        }
+        if let Some(i) = rule.enum_attrs.iter().position(|(n, _)| *n == key) {
+            self.enums[i] = Some(value);
+        }
+        if let Some(base) = key.strip_prefix("ext-")
+            && let Some(i) = rule.enum_attrs.iter().position(|(n, _)| *n == base)
+        {
+            self.ext |= 1 << i;
+        }
+    }
 }
 
 fn names(names: &[&str]) -> String {
@@ -473,5 +636,38 @@ mod tests {
         let list = validate(doc.as_bytes()).expect_err("rejected");
         assert_eq!(list.len(), MAX_VIOLATIONS + 1);
         assert_eq!(list[MAX_VIOLATIONS].message, "and 7 more violations");
+    }
+    #[test]
+    fn every_schema_element_fits_the_fixed_size_attribute_record() {
+        for rule in crate::schema_tables::ELEMENTS {
+            assert!(rule.enum_attrs.len() <= MAX_ENUM_ATTRS, "{}", rule.name);
+            assert!(rule.required_attrs.len() <= 32, "{}", rule.name);
+        }
+    }
+
+    #[test]
+    fn a_repeated_attribute_is_malformed_in_quick_xml_words() {
+        let doc = MINIMAL.replace(r#"role="irt""#, r#"role="irt" role="cc""#);
+        let v = only(doc.as_bytes());
+        assert_eq!(v.location, "");
+        assert!(v.message.starts_with("malformed XML: bad attribute: "), "{}", v.message);
+        assert!(v.message.contains("duplicated"), "{}", v.message);
+    }
+
+    #[test]
+    fn paths_are_built_only_for_violations_but_match_the_element() {
+        let doc = MINIMAL.replace(
+            r#"<Contact role="irt" type="organization"/>"#,
+            r#"<Contact role="irt" type="organization"/><Contact role="x" type="person"><Contact role="cc" type="y"/></Contact>"#,
+        );
+        let list = validate(doc.as_bytes()).expect_err("rejected");
+        let locations: Vec<&str> = list.iter().map(|v| v.location.as_str()).collect();
+        assert_eq!(
+            locations,
+            [
+                "/IODEF-Document/Incident[1]/Contact[2]/@role",
+                "/IODEF-Document/Incident[1]/Contact[2]/Contact[1]/@type",
+            ]
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! themselves are generated into `schema_tables.rs`; this module only defines
 //! their shape and the lookups. It must not hold validation logic.
 
-use crate::schema_tables::ELEMENTS;
+use std::borrow::Cow;
+
+use crate::schema_tables::{BY_HASH, ELEMENTS, NAME_HASH_BITS, NAME_HASH_SEED};
 
 /// The IODEF 2.0 namespace (RFC 7970 §8).
 pub const IODEF_NS: &str = "urn:ietf:params:xml:ns:iodef-2.0";
@@ -46,25 +48,34 @@ pub(crate) struct ElementRule {
     pub date_time: bool,
 }
 
-/// Looks up the rule for an IODEF element by local name.
+/// Looks up the rule for an IODEF element by local name. It runs for every
+/// element, so it hashes the name once and compares a single string.
 pub(crate) fn rule(name: &str) -> Option<&'static ElementRule> {
-    ELEMENTS
-        .binary_search_by(|r| r.name.cmp(name))
-        .ok()
-        .and_then(|i| ELEMENTS.get(i))
+    let entry = *BY_HASH.get(name_hash(name))?;
+    let r = ELEMENTS.get(usize::from(entry).checked_sub(1)?)?;
+    (r.name == name).then_some(r)
+}
+
+/// FNV-1a of `name` from `NAME_HASH_SEED`, keeping the top `NAME_HASH_BITS`
+/// bits; `tools/gen_tables.py` chose the seed so that no two element names
+/// collide (and computes the same function, which must stay in step).
+fn name_hash(name: &str) -> usize {
+    let h = name.bytes().fold(NAME_HASH_SEED, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    (h >> (32 - NAME_HASH_BITS)) as usize
 }
 
 /// The name a child element has in content models: the local name for the
 /// IODEF namespace, `prefix:local` for the referenced foreign namespaces, and
 /// `{ns}local` (matching nothing) otherwise.
-pub(crate) fn model_name(ns: Option<&str>, local: &str) -> String {
+/// Borrows `local` in the common IODEF case, so that costs no allocation.
+pub(crate) fn model_name<'a>(ns: Option<&str>, local: &'a str) -> Cow<'a, str> {
     match ns {
-        Some(IODEF_NS) => local.to_owned(),
-        Some(other) => match FOREIGN_PREFIXES.iter().find(|(uri, _)| *uri == other) {
+        Some(IODEF_NS) => Cow::Borrowed(local),
+        Some(other) => Cow::Owned(match FOREIGN_PREFIXES.iter().find(|(uri, _)| *uri == other) {
             Some((_, prefix)) => format!("{prefix}:{local}"),
             None => format!("{{{other}}}{local}"),
-        },
-        None => format!("{{}}{local}"),
+        }),
+        None => Cow::Owned(format!("{{}}{local}")),
     }
 }
 
@@ -73,12 +84,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_generated_table_is_sorted_so_binary_search_finds_every_element() {
+    fn the_generated_hash_finds_every_element_and_nothing_else() {
         for pair in ELEMENTS.windows(2) {
             assert!(pair[0].name < pair[1].name, "{} >= {}", pair[0].name, pair[1].name);
         }
         for r in ELEMENTS {
-            assert!(rule(r.name).is_some(), "{}", r.name);
+            assert_eq!(rule(r.name).map(|found| found.name), Some(r.name));
+        }
+        for other in ["", "Incidents", "incident", "sci:AttackPattern", "IODEF-Document "] {
+            assert!(rule(other).is_none(), "{other}");
         }
     }
 

@@ -8,6 +8,10 @@ of element particles and element-only choices (order and occurrence counts),
 the required attributes, the attributes typed by an enumeration, and whether
 the content is an xs:dateTime. Anything the table cannot express (xs:any,
 nested sequences) leaves the children unchecked.
+
+It also emits a perfect hash of the element names (`BY_HASH`), so a lookup
+hashes the name once and compares one string; `name_hash` below must stay the
+same function as `schema::name_hash`.
 """
 import sys
 import xml.etree.ElementTree as ET
@@ -81,6 +85,24 @@ for el in root.findall(XS + 'element'):
             children = None
     rows.append((name, children, attrs, ty == 'xs:dateTime'))
 
+FNV_PRIME = 0x0100_0193
+
+def name_hash(name, seed, bits):
+    """FNV-1a from `seed`, keeping the top `bits` bits (as schema::name_hash)."""
+    h = seed
+    for b in name.encode():
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFF_FFFF
+    return h >> (32 - bits)
+
+def perfect_hash(names):
+    """The smallest table (and first seed) on which no two names collide."""
+    for bits in range(8, 16):
+        for seed in range(1, 20_000):
+            slots = {name_hash(n, seed, bits) for n in names}
+            if len(slots) == len(names):
+                return seed, bits
+    sys.exit('no perfect hash found')
+
 def rs_str(s):
     return '"' + s + '"'
 
@@ -110,4 +132,22 @@ for name, children, attrs, dt in sorted(rows):
     req = ', '.join(rs_str(a) for a, _, r in attrs if r)
     en = ', '.join(f'({rs_str(a)}, {const_name(t)})' for a, t, _ in attrs if t in enums)
     print(f'    ElementRule {{ name: {rs_str(name)}, children: {ch}, required_attrs: &[{req}], enum_attrs: &[{en}], date_time: {"true" if dt else "false"} }},')
+print('];')
+
+names = [name for name, _, _, _ in sorted(rows)]
+assert len(names) < 255, 'BY_HASH holds indices as u8'
+seed, bits = perfect_hash(names)
+table = [0] * (1 << bits)
+for i, name in enumerate(names):
+    table[name_hash(name, seed, bits)] = i + 1
+print()
+print('/// Seed and width (in bits) of the perfect hash of element names.')
+print(f'pub(crate) const NAME_HASH_SEED: u32 = {seed};')
+print(f'pub(crate) const NAME_HASH_BITS: u32 = {bits};')
+print()
+print('/// For each hash value, 1 + the index in `ELEMENTS` of the one name with')
+print('/// that hash, or 0 if no element name has it.')
+print(f'pub(crate) static BY_HASH: [u8; {1 << bits}] = [')
+for k in range(0, len(table), 32):
+    print('    ' + ', '.join(str(v) for v in table[k:k + 32]) + ',')
 print('];')
