@@ -46,8 +46,10 @@ use bindings::validator::{ValidatorPre, xmpp_grid::plugin::types as vt};
 /// Concurrent plugin calls the pooling allocator has slots for. Calls run on
 /// blocking threads; more than this at once get `PluginError::Busy`.
 const POOL_INSTANCES: u32 = 256;
-/// Epoch ticker period: deadlines are counted in these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Epoch ticker period: deadlines are counted in these ticks (rounded up),
+/// so they hold to within one tick. 5 ms keeps the ticker's wake-ups while
+/// plugins run at 200 a second.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Bytes counted per violation on top of its strings (two (ptr, len) pairs
 /// in the canonical ABI), so a flood of empty violations is capped too.
 const VIOLATION_OVERHEAD: usize = 16;
@@ -269,7 +271,7 @@ impl Plugin {
             },
         );
         store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(self.manifest.deadline_ms / EPOCH_TICK.as_millis() as u64);
+        store.set_epoch_deadline(self.manifest.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1));
         store
     }
 

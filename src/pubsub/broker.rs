@@ -242,8 +242,9 @@ struct Shaping {
     transformers: Vec<Arc<crate::plugins::Plugin>>,
     /// Set when transformers apply.
     topic: Option<crate::plugins::TopicInfo>,
-    /// (view, delay-stamped) → the notification, or None if withheld.
-    memo: HashMap<(Option<Arc<crate::plugins::SubscriberInfo>>, bool), Option<Bytes>>,
+    /// (view, delay-stamped) → the notification, or None if withheld. The
+    /// view is its interned pointer (0: no transformer).
+    memo: HashMap<(usize, bool), Option<Bytes>>,
 }
 
 fn now_ms() -> u64 {
@@ -375,7 +376,9 @@ impl<S: BrokerStore + 'static> Task<S> {
         pre: &ConfigPatch,
     ) -> Option<Result<Inputs, PubsubError>> {
         let p = self.plugins.as_ref()?;
-        let validators = p.host.current().validators(node.as_str(), &payload::root_namespace(payload));
+        let set = p.host.current();
+        let validators =
+            if set.is_empty() { Vec::new() } else { set.validators(node.as_str(), &payload::root_namespace(payload)) };
         let waiting = p.inflight.get(node).is_some_and(|n| *n > 0);
         if validators.is_empty() && !waiting {
             return None;
@@ -624,19 +627,16 @@ impl<S: BrokerStore + 'static> Task<S> {
         Shaping { transformers, topic, memo: HashMap::new() }
     }
 
-    /// The notification of `item` for the subscription address `jid` (None:
+    /// The notification of `item` for a subscription of `platform` (None:
     /// withheld from it), delay-stamped if `delay_ms`. Serialized once per view.
-    fn rendered(&mut self, sh: &mut Shaping, node: &NodeId, item: &Item, jid: &str, delay_ms: Option<u64>) -> Option<Bytes> {
+    fn rendered(&mut self, sh: &mut Shaping, node: &NodeId, item: &Item, platform: &BareJid, delay_ms: Option<u64>) -> Option<Bytes> {
         let (key, view) = match (&sh.topic, &mut self.plugins) {
             (Some(topic), Some(p)) => {
-                let platform = match Jid::parse(jid) {
-                    Ok(j) => j.bare().clone(),
-                    Err(_) => return None,
-                };
-                let (k, v) = p.views.view(&sh.transformers, topic, node, item, &platform);
-                (Some(k), v)
+                let (k, v) = p.views.view(&sh.transformers, topic, node, item, platform);
+                // Views are interned: the pointer names the view.
+                (Arc::as_ptr(&k) as usize, v)
             }
-            _ => (None, View::Whole),
+            _ => (0, View::Whole),
         };
         let memo_key = (key, delay_ms.is_some());
         if let Some(b) = sh.memo.get(&memo_key) {
@@ -676,7 +676,7 @@ impl<S: BrokerStore + 'static> Task<S> {
             let Some(live) = self.live_entry(subid, &t.jid) else { continue };
             if item.seq <= live.enqueued {
                 // An older item sent again (last published item on subscribe): stamped, no cursor.
-                if let Some(bytes) = self.rendered(&mut sh, node, item, &t.jid, Some(item.published_ms)) {
+                if let Some(bytes) = self.rendered(&mut sh, node, item, &t.owner, Some(item.published_ms)) {
                     for s in &sessions {
                         let _ = s.deliver(Outbound::ToSelf { rest: bytes.clone(), ack: None });
                     }
@@ -704,7 +704,7 @@ impl<S: BrokerStore + 'static> Task<S> {
             live.enqueued = item.seq;
             let cursor = live.written.clone();
             // Withheld from this subscriber: its cursor moves on with the next item it gets.
-            let Some(rest) = self.rendered(&mut sh, node, item, &t.jid, None) else { continue };
+            let Some(rest) = self.rendered(&mut sh, node, item, &t.owner, None) else { continue };
             for s in &sessions {
                 let ack = Ack { cursor: cursor.clone(), seq: item.seq };
                 let _ = s.deliver(Outbound::ToSelf { rest: rest.clone(), ack: Some(ack) });
@@ -785,7 +785,7 @@ impl<S: BrokerStore + 'static> Task<S> {
             let done = items.len() < want;
             for item in &items {
                 let mut sh = self.shaping(&sub.node, item);
-                let rest = self.rendered(&mut sh, &sub.node, item, &sub.jid, Some(item.published_ms));
+                let rest = self.rendered(&mut sh, &sub.node, item, &sub.owner, Some(item.published_ms));
                 let Some(live) = self.live.get_mut(&subid) else { break };
                 live.enqueued = item.seq;
                 let Some(rest) = rest else { continue };

@@ -197,15 +197,20 @@ impl View {
 const CACHE_MAX: usize = 20_000;
 
 /// Transformer results for the broker task: who sees what of which item.
+/// Lookups on the fan-out path borrow their keys (no allocation per
+/// subscriber); views are interned, so equal ones are one `Arc`.
 pub struct Views {
     host: Arc<Host>,
     env: Arc<dyn PluginEnv>,
     /// The plugin set the caches were filled under.
     set: Arc<PluginSet>,
-    /// Per (platform, node): the key its views are cached under.
-    who: HashMap<(BareJid, NodeId), Arc<SubscriberInfo>>,
-    /// Per (node, seq, key): the view.
-    seen: HashMap<(NodeId, u64, Arc<SubscriberInfo>), View>,
+    /// Per node, per platform: the view it gets (roles, granted grants).
+    who: HashMap<NodeId, HashMap<BareJid, Arc<SubscriberInfo>>>,
+    /// Every distinct view, once.
+    interned: std::collections::HashSet<Arc<SubscriberInfo>>,
+    /// Per node, per item seq: the result for each view met so far.
+    seen: HashMap<NodeId, HashMap<u64, Vec<(Arc<SubscriberInfo>, View)>>>,
+    entries: usize,
     /// Limits for re-parsing rewritten payloads.
     limits: crate::stream::parser::Limits,
 }
@@ -218,7 +223,9 @@ impl Views {
             env,
             set,
             who: HashMap::new(),
+            interned: Default::default(),
             seen: HashMap::new(),
+            entries: 0,
             limits: crate::stream::parser::Limits { max_stanza_bytes: max_payload_bytes.max(1024), max_depth: 64 },
         }
     }
@@ -226,7 +233,9 @@ impl Views {
     /// Policies or platforms changed: grants must be asked again.
     pub fn forget_subscribers(&mut self) {
         self.who.clear();
+        self.interned.clear();
         self.seen.clear();
+        self.entries = 0;
     }
 
     fn refresh(&mut self) {
@@ -246,8 +255,8 @@ impl Views {
         self.set.transformers(node.as_str(), &root_namespace(&item.payload))
     }
 
-    /// What `platform` sees of `item`; `topic` describes `node`. Returns the key
-    /// shared by every platform that sees the same, and the view.
+    /// What `platform` sees of `item`; `topic` describes `node`. Returns the
+    /// view shared by every platform that sees the same, and the result.
     pub fn view(
         &mut self,
         transformers: &[Arc<Plugin>],
@@ -257,20 +266,21 @@ impl Views {
         platform: &BareJid,
     ) -> (Arc<SubscriberInfo>, View) {
         let key = self.key(transformers, topic, node, platform);
-        let cached = (node.clone(), item.seq, key.clone());
-        if let Some(v) = self.seen.get(&cached) {
+        if let Some((_, v)) = self.seen.get(node).and_then(|n| n.get(&item.seq)).and_then(|l| l.iter().find(|(k, _)| Arc::ptr_eq(k, &key))) {
             return (key, v.clone());
         }
         let view = self.run(transformers, topic, node, item, platform, &key);
-        if self.seen.len() >= CACHE_MAX {
+        if self.entries >= CACHE_MAX {
             self.seen.clear();
+            self.entries = 0;
         }
-        self.seen.insert(cached, view.clone());
+        self.entries += 1;
+        self.seen.entry(node.clone()).or_default().entry(item.seq).or_default().push((key.clone(), view.clone()));
         (key, view)
     }
 
     fn key(&mut self, transformers: &[Arc<Plugin>], topic: &TopicInfo, node: &NodeId, platform: &BareJid) -> Arc<SubscriberInfo> {
-        if let Some(k) = self.who.get(&(platform.clone(), node.clone())) {
+        if let Some(k) = self.who.get(node).and_then(|m| m.get(platform)) {
             return k.clone();
         }
         let mut wanted: Vec<String> = transformers.iter().flat_map(|t| t.manifest.grants.iter().cloned()).collect();
@@ -278,11 +288,19 @@ impl Views {
         wanted.dedup();
         let (roles, grants) = self.env.subscriber(platform, topic, &wanted);
         let jid = transformers.iter().any(|t| t.manifest.subscriber_jid).then(|| platform.to_string());
-        let k = Arc::new(SubscriberInfo { jid, roles, grants });
-        if self.who.len() >= CACHE_MAX {
-            self.who.clear();
+        let info = SubscriberInfo { jid, roles, grants };
+        if self.interned.len() >= CACHE_MAX {
+            self.forget_subscribers();
         }
-        self.who.insert((platform.clone(), node.clone()), k.clone());
+        let k = match self.interned.get(&info) {
+            Some(k) => k.clone(),
+            None => {
+                let k = Arc::new(info);
+                self.interned.insert(k.clone());
+                k
+            }
+        };
+        self.who.entry(node.clone()).or_default().insert(platform.clone(), k.clone());
         k
     }
 
