@@ -10,6 +10,7 @@ import logging
 import sys
 
 import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout
 
 
 def common_args(description):
@@ -113,6 +114,13 @@ class AuthFailed(Exception):
     def __init__(self, tried, failures, stream_errors=(), reason=None):
         super().__init__(f"tried {tried}, failures {failures}, stream errors {list(stream_errors)}, reason {reason!r}")
         self.tried, self.failures = tried, failures
+
+
+def err(e):
+    """A failed request as one line: "type/condition text", "timeout", or the exception."""
+    if isinstance(e, IqError):
+        return f"{e.etype}/{e.condition} {e.text or ''}".strip()
+    return "timeout" if isinstance(e, IqTimeout) else repr(e)
 
 
 def run_main(run, args):

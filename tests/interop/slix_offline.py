@@ -22,7 +22,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004 import Form
 
 import iodefdoc
-from gridclient import GridClient, common_args, run_main
+from gridclient import GridClient, common_args, err, run_main
 from pubsubcheck import Checks, Fatal
 
 NS_DELAY = "urn:xmpp:delay"
@@ -38,12 +38,6 @@ def parse():
     p.add_argument("--count", type=int, default=8, help="items published while the subscriber is away")
     p.add_argument("--step-timeout", type=float, default=5.0)
     return p.parse_args()
-
-
-def err(e):
-    if isinstance(e, IqError):
-        return f"{e.etype}/{e.condition} {e.text or ''}".strip()
-    return "timeout" if isinstance(e, IqTimeout) else repr(e)
 
 
 class Received:

@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0004 import Form
 
-from gridclient import GridClient, common_args, run_main
+from gridclient import GridClient, common_args, err, run_main
 from pubsubcheck import Checks, Fatal, Inbox
 
 IODEF_NS = "urn:ietf:params:xml:ns:iodef-2.0"
@@ -38,12 +38,6 @@ def parse():
     p.add_argument("--keep", required=True, help="text of --valid every subscriber must receive")
     p.add_argument("--step-timeout", type=float, default=5.0)
     return p.parse_args()
-
-
-def err(e):
-    if isinstance(e, IqError):
-        return f"{e.etype}/{e.condition} {e.text or ''}".strip()
-    return "timeout" if isinstance(e, IqTimeout) else repr(e)
 
 
 def client(jid, args, inbox=None):

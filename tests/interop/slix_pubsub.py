@@ -22,7 +22,7 @@ from slixmpp.plugins.xep_0060.stanza import Pubsub
 from slixmpp.xmlstream import register_stanza_plugin
 
 import iodefdoc
-from gridclient import GridClient, common_args, run_main
+from gridclient import GridClient, common_args, err, run_main
 from pubsubcheck import Checks, Fatal, Inbox
 
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
@@ -41,12 +41,6 @@ def parse():
     p.add_argument("--node", default="slix-iodef")
     p.add_argument("--step-timeout", type=float, default=5.0, help="per request / per notification, seconds")
     return p.parse_args()
-
-
-def err(e):
-    if isinstance(e, IqError):
-        return f"{e.etype}/{e.condition} {e.text or ''}".strip()
-    return "timeout" if isinstance(e, IqTimeout) else repr(e)
 
 
 def form_values(x):
