@@ -824,6 +824,16 @@ async fn authorize_asks_the_owner_and_the_answer_decides() {
     b.c.send(&answer("carol@grid.test", "true")).await;
     let e = b.message().await;
     has(&e, &["<message", "type='error'", "<forbidden"]);
+    // A request made while the owner is away waits for it: sent when it comes online.
+    a.leave().await;
+    has(&c.subscribe("incidents", "carol@grid.test").await, &["subscription='pending'"]);
+    let mut a = Client::login(&g, "alice", "back").await;
+    a.quiet().await;
+    a.c.send("<presence/>").await;
+    has(&a.message().await, &["<message to='alice@grid.test/back'", "subscribe_authorization", "<value>carol@grid.test</value>"]);
+    a.quiet().await;
+    a.c.send(&answer("carol@grid.test", "true")).await;
+    has(&c.message().await, &["<subscription node='incidents' jid='carol@grid.test' subscription='subscribed'"]);
     g.shutdown().await;
 }
 

@@ -743,6 +743,11 @@ impl<S: BrokerStore + 'static> Task<S> {
         if !available {
             self.persist_cursors(true);
         } else {
+            // An owner back online gets the approval requests still waiting (§8.6).
+            for event in self.svc.pending_approvals(session.jid.bare()) {
+                let rest = self.notification(&event, None);
+                let _ = session.deliver(Outbound::ToSelf { rest, ack: None });
+            }
             self.catch_up_round();
         }
     }

@@ -1014,6 +1014,23 @@ impl<S: BrokerStore> Service<S> {
             .unwrap_or_default()
     }
 
+    /// The approval requests (§8.6) waiting for `owner`: one per pending
+    /// subscription to a node it owns. Sent again when it comes online, so a
+    /// request made while every owner was away is not lost.
+    pub fn pending_approvals(&self, owner: &BareJid) -> Vec<Event> {
+        let mut out = Vec::new();
+        for n in self.nodes.values() {
+            // Pending subscriptions exist only on authorize nodes.
+            if n.rec.config.access_model != AccessModel::Authorize || n.rec.affiliations.get(owner) != Some(&Affiliation::Owner) {
+                continue;
+            }
+            for s in n.subs.iter().filter_map(|id| self.subs.get(id)).filter(|s| s.state == SubState::Pending) {
+                out.push(Event::ApprovalRequest { node: n.rec.id.clone(), jid: s.jid.clone(), subid: s.subid.clone() });
+            }
+        }
+        out
+    }
+
     /// A platform's active subscriptions (offline delivery starts from these).
     pub fn subscriptions_of(&self, platform: &BareJid) -> Vec<SubRecord> {
         self.by_platform
@@ -1942,6 +1959,23 @@ mod tests {
         f.publish("alice", "incidents", Some("a"));
         assert_eq!(f.items("bob", items("incidents")).0, vec!["a"]);
         assert_eq!(f.subscribe("bob", "incidents").state, SubState::Subscribed);
+    }
+
+    #[test]
+    fn pending_approvals_are_listed_for_owners_only() {
+        let mut f = fx();
+        f.create("alice", "incidents", access(AccessModel::Authorize));
+        f.create("alice", "open", access(AccessModel::Open));
+        let s = f.subscribe("bob", "incidents");
+        f.subscribe("bob", "open");
+        assert_eq!(
+            f.svc.pending_approvals(&p("alice")),
+            vec![Event::ApprovalRequest { node: n("incidents"), jid: "bob@grid.test".into(), subid: s.subid.clone() }]
+        );
+        assert!(f.svc.pending_approvals(&p("bob")).is_empty());
+        let approve = Request::Approve { node: n("incidents"), jid: jid("bob@grid.test"), subid: Some(s.subid), allow: true };
+        f.ok("alice", approve);
+        assert!(f.svc.pending_approvals(&p("alice")).is_empty());
     }
 
     #[test]
