@@ -196,6 +196,9 @@ impl View {
 /// Entries kept in the view caches before they are dropped wholesale.
 const CACHE_MAX: usize = 20_000;
 
+/// The views of one item met so far, with what each sees.
+type Seen = Vec<(Arc<SubscriberInfo>, View)>;
+
 /// Transformer results for the broker task: who sees what of which item.
 /// Lookups on the fan-out path borrow their keys (no allocation per
 /// subscriber); views are interned, so equal ones are one `Arc`.
@@ -209,7 +212,7 @@ pub struct Views {
     /// Every distinct view, once.
     interned: std::collections::HashSet<Arc<SubscriberInfo>>,
     /// Per node, per item seq: the result for each view met so far.
-    seen: HashMap<NodeId, HashMap<u64, Vec<(Arc<SubscriberInfo>, View)>>>,
+    seen: HashMap<NodeId, HashMap<u64, Seen>>,
     entries: usize,
     /// Limits for re-parsing rewritten payloads.
     limits: crate::stream::parser::Limits,
