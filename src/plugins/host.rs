@@ -888,6 +888,19 @@ mod tests {
     }
 
     #[test]
+    fn the_subscriber_jid_reaches_only_transformers_that_ask_for_it() {
+        let who = |manifest: &str| {
+            let plugin = load(&host(), "t", &fixtures().transformer_core, manifest);
+            match transform(&plugin, "whoami").unwrap() {
+                Transformed::Rewritten(b) => String::from_utf8(b).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(who(""), "<who xmlns='urn:test'></who>");
+        assert_eq!(who("subscriber_jid = true"), "<who xmlns='urn:test'>soc@grid.example</who>");
+    }
+
+    #[test]
     fn transformer_misbehaviour_is_contained() {
         let plugin = load(
             &host(),

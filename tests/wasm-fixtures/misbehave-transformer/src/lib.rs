@@ -1,7 +1,9 @@
 //! Test transformer whose behaviour is chosen by the payload text: "loop"
 //! spins forever, "trap" panics, "big" returns 8 MiB, "withhold" withholds,
 //! "redact" rewrites to `<redacted xmlns='urn:test'/>`, "fail" returns the
-//! plugin's own error; anything else is delivered unchanged. Tests only.
+//! plugin's own error, "whoami" rewrites to `<who xmlns='urn:test'>JID</who>`
+//! with the subscriber's JID as the host passed it (empty if none); anything
+//! else is delivered unchanged. Tests only.
 
 // The world `use`s the types, so they are generated at the crate root.
 wit_bindgen::generate!({ world: "transformer", path: "../../../wit" });
@@ -15,7 +17,7 @@ fn has(payload: &[u8], word: &str) -> bool {
 impl Guest for Misbehave {
     fn transform(
         _topic: TopicInfo,
-        _subscriber: SubscriberInfo,
+        subscriber: SubscriberInfo,
         payload: Vec<u8>,
     ) -> Result<Transformed, String> {
         if has(&payload, "loop") {
@@ -37,6 +39,10 @@ impl Guest for Misbehave {
             return Ok(Transformed::Rewritten(
                 b"<redacted xmlns='urn:test'/>".to_vec(),
             ));
+        }
+        if has(&payload, "whoami") {
+            let jid = subscriber.jid.unwrap_or_default();
+            return Ok(Transformed::Rewritten(format!("<who xmlns='urn:test'>{jid}</who>").into_bytes()));
         }
         if has(&payload, "fail") {
             return Err("failure requested by the payload".into());
