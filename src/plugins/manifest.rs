@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::PluginError;
 
-/// Upper bound on `deadline_ms`: a plugin runs in its publisher's task, so a
-/// long deadline stalls that publisher.
+/// Upper bound on `deadline_ms`: a validator holds its topic's validator
+/// thread and a transformer the broker's thread for up to this long.
 pub const MAX_DEADLINE_MS: u64 = 10_000;
 /// Upper bound on `memory_mib`; also the pooling allocator's slot size.
 pub const MAX_MEMORY_MIB: u32 = 256;
