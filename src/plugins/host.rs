@@ -463,9 +463,26 @@ impl Host {
         let previous = self.current();
         let (set, report) = registry::scan(self, dir, &previous);
         if let Some(set) = set {
+            self.prune_cache(&set);
             self.current.store(Arc::new(set));
         }
         report
+    }
+
+    /// Removes compiled files of plugins no longer in `set` (replaced or
+    /// removed), so the cache does not grow with every deployment. A file
+    /// still mapped by an in-flight call stays readable until it is unmapped.
+    fn prune_cache(&self, set: &PluginSet) {
+        let Some(dir) = &self.cache_dir else { return };
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let used = set.plugins().iter().any(|p| name.starts_with(&format!("{}-", p.sha256)));
+            if name.ends_with(".cwasm") && !used {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// The same checks as [`Host::reload`] without swapping: for `check`.
@@ -1073,6 +1090,38 @@ mod tests {
         assert_eq!(validate(&plugin, "fine").unwrap(), Verdict::Accept);
         eprintln!("plugin load: compile {cold:?}, from cache {warm:?}");
         assert!(warm * 3 < cold, "compile {cold:?}, from cache {warm:?}");
+    }
+
+    #[test]
+    fn a_reload_removes_the_compiled_files_of_plugins_that_are_gone() {
+        let cache = TempDir::new("cache-prune");
+        let dir = TempDir::new("cache-prune-dir");
+        let host = Host::new(HostOptions { cache_dir: Some(cache.path().into()), ..Default::default() }).unwrap();
+        let cached = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(cache.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".cwasm"))
+                .collect();
+            v.sort();
+            v
+        };
+        dir.deploy("p.wasm", &fixtures().validator_core);
+        assert!(host.reload(dir.path()).is_ok());
+        let first = cached();
+        assert_eq!(first.len(), 1);
+        // Replaced by another component: the old compiled file goes.
+        dir.deploy("p.wasm", &fixtures().transformer_core);
+        assert!(host.reload(dir.path()).is_ok());
+        let second = cached();
+        assert_eq!(second.len(), 1);
+        assert_ne!(first, second);
+        assert!(second[0].starts_with(&sha256_hex(&fixtures().transformer_core)));
+        // Removed: nothing left.
+        std::fs::remove_file(dir.path().join("p.wasm")).unwrap();
+        host.reload(dir.path());
+        assert!(cached().is_empty());
     }
 
     #[test]
