@@ -949,37 +949,14 @@ fn main() {
         eprintln!("c2s: open-files limit {nofile} is below the {need} that --idle {} needs", opts.idle);
         std::process::exit(2);
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!("c2s: RLIMIT_NOFILE {nofile}; load average {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    eprintln!("c2s: RLIMIT_NOFILE {nofile}; load average {}", loadavg());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let failed = rt.block_on(async {
-        let mut reps = Vec::new();
-        let mut failed = false;
-        for name in &opts.servers {
-            let work = run_one(name, &opts);
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-            // On Ctrl-C/SIGTERM the work future is dropped, which stops its server.
-            let r = tokio::select! {
-                r = work => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-                _ = term.recv() => Err("terminated".into()),
-            };
-            match r {
-                Ok(rep) => reps.push(rep),
-                Err(e) => {
-                    eprintln!("c2s: {name}: {e}");
-                    failed = true;
-                    if e == "interrupted" || e == "terminated" {
-                        break;
-                    }
-                }
-            }
-        }
+        let (reps, failed) = each_server("c2s", &opts.servers, |name| run_one(name, &opts)).await;
         print_table(&reps, &opts);
         failed
     });
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!("c2s: load average at end {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    eprintln!("c2s: load average at end {}", loadavg());
     rt.shutdown_timeout(Duration::from_secs(5));
     std::process::exit(if failed { 1 } else { 0 });
 }

@@ -166,11 +166,6 @@ fn proc_syscw(pid: u32) -> u64 {
     s.lines().find_map(|l| l.strip_prefix("syscw:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-fn loadavg() -> String {
-    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
 // ---------------------------------------------------------------- servers
 
 /// A server under test; dropping it stops it.
@@ -1266,28 +1261,7 @@ fn main() {
     // The generator shares the machine with the server: one thread.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let failed = rt.block_on(async {
-        let mut reps = Vec::new();
-        let mut failed = false;
-        for name in &opts.servers {
-            let work = run_one(name, &opts);
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-            // On Ctrl-C/SIGTERM the work future is dropped, which stops its server.
-            let r = tokio::select! {
-                r = work => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-                _ = term.recv() => Err("terminated".into()),
-            };
-            match r {
-                Ok(rep) => reps.push(rep),
-                Err(e) => {
-                    eprintln!("fanout: {name}: {e}");
-                    failed = true;
-                    if e == "interrupted" || e == "terminated" {
-                        break;
-                    }
-                }
-            }
-        }
+        let (reps, failed) = each_server("fanout", &opts.servers, |name| run_one(name, &opts)).await;
         print_table(&reps, &opts);
         failed
     });

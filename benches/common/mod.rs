@@ -16,6 +16,47 @@ pub const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:clie
 
 // ---------------------------------------------------------------- process helpers
 
+/// The 1, 5 and 15 minute load averages, for the record of a run.
+pub fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Runs `run` for each server in turn and collects the reports. Ctrl-C or
+/// SIGTERM drops the running future (which stops its server) and ends the
+/// loop; a failed server is reported as `{tool}: {name}: {error}` and the
+/// next one runs. Returns the reports and whether any server failed.
+pub async fn each_server<'a, R, F, Fut>(tool: &str, servers: &'a [String], mut run: F) -> (Vec<R>, bool)
+where
+    F: FnMut(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Result<R>>,
+{
+    let mut reps = Vec::new();
+    let mut failed = false;
+    for name in servers {
+        let work = run(name);
+        let r = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                r = work => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+                _ = term.recv() => Err("terminated".into()),
+            },
+            Err(e) => Err(format!("cannot watch for SIGTERM: {e}")),
+        };
+        match r {
+            Ok(rep) => reps.push(rep),
+            Err(e) => {
+                eprintln!("{tool}: {name}: {e}");
+                failed = true;
+                if e == "interrupted" || e == "terminated" {
+                    break;
+                }
+            }
+        }
+    }
+    (reps, failed)
+}
+
 pub fn raise_nofile() -> u64 {
     unsafe {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
