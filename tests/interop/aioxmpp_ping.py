@@ -8,8 +8,6 @@ to our full JID; 1 on failure; 2 on timeout. Prints what it did.
 """
 import argparse
 import asyncio
-import logging
-import sys
 import uuid
 
 import aioxmpp
@@ -17,6 +15,8 @@ import aioxmpp.connector
 import aioxmpp.dispatcher
 import aioxmpp.ping
 import aioxmpp.security_layer
+
+from pubsubcheck import run_script
 
 
 def parse():
@@ -75,18 +75,7 @@ async def run(args):
 
 
 def main():
-    args = parse()
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.WARNING)
-    try:
-        code = asyncio.run(asyncio.wait_for(run(args), args.timeout))
-    except asyncio.TimeoutError:
-        print(f"FAIL: timed out after {args.timeout}s")
-        code = 2
-    except Exception as e:  # connection, TLS, SASL or stanza errors
-        print(f"FAIL: {type(e).__name__}: {e}")
-        code = 1
-    print("OK" if code == 0 else f"exit {code}")
-    sys.exit(code)
+    run_script(run, parse())
 
 
 if __name__ == "__main__":

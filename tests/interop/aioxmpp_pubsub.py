@@ -19,8 +19,6 @@ otherwise, 2 on timeout.
 import argparse
 import asyncio
 import copy
-import logging
-import sys
 import xml.etree.ElementTree as ET
 
 import aioxmpp
@@ -37,7 +35,7 @@ import aioxmpp.xso as xso
 import lxml.etree
 
 import iodefdoc
-from pubsubcheck import Checks, Fatal, Inbox
+from pubsubcheck import Checks, Fatal, Inbox, run_script
 
 META_DATA = "http://jabber.org/protocol/pubsub#meta-data"
 
@@ -309,18 +307,7 @@ async def flow(c, args, owner, sub, ps_o, ps_s, inbox):
 
 
 def main():
-    args = parse()
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.WARNING)
-    try:
-        code = asyncio.run(asyncio.wait_for(run(args), args.timeout))
-    except asyncio.TimeoutError:
-        print(f"FAIL: timed out after {args.timeout}s")
-        code = 2
-    except Exception as e:  # connection, TLS, SASL or stanza errors
-        print(f"FAIL: {type(e).__name__}: {e}")
-        code = 1
-    print("OK" if code == 0 else f"exit {code}")
-    sys.exit(code)
+    run_script(run, parse())
 
 
 if __name__ == "__main__":

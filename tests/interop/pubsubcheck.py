@@ -1,7 +1,25 @@
-"""Bookkeeping shared by the pubsub interop scripts (imported, not run): named
-checks printed as they happen, and an inbox of notifications to wait on.
+"""Bookkeeping shared by the interop scripts (imported, not run): named
+checks printed as they happen, an inbox of notifications to wait on, and
+the way an asyncio script runs under its deadline.
 """
 import asyncio
+import logging
+import sys
+
+
+def run_script(run, args):
+    """Runs `run(args)` under `args.timeout` and exits: 0 passed, 1 failed, 2 timed out."""
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        code = asyncio.run(asyncio.wait_for(run(args), args.timeout))
+    except asyncio.TimeoutError:
+        print(f"FAIL: timed out after {args.timeout}s")
+        code = 2
+    except Exception as e:  # connection, TLS, SASL or stanza errors
+        print(f"FAIL: {type(e).__name__}: {e}")
+        code = 1
+    print("OK" if code == 0 else f"exit {code}")
+    sys.exit(code)
 
 
 class Checks:
