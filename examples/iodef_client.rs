@@ -47,10 +47,7 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    xmpp_grid::init_logging();
     let args = Args::parse();
     let cfg = Config::load(args.config.as_deref())?;
     let broker = args.connect.broker_jid(&cfg)?;

@@ -51,10 +51,7 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    xmpp_grid::init_logging();
     let args = Args::parse();
     let reporter = args.connect.jid.clone();
     let docs: Vec<String> = (0..args.count).map(|i| incident(&reporter, i)).collect();

@@ -41,3 +41,12 @@ pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod xml;
+
+/// Logs to standard error, at `RUST_LOG` or else `info`: the binary's and the
+/// examples' setting (stdout stays theirs for results).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -160,12 +160,7 @@ enum AuditCmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    xmpp_grid::init_logging();
     if let Err(e) = run(Cli::parse()) {
         // Print the cause chain once: many errors already include their source's text.
         let mut msg = e.to_string();
