@@ -630,14 +630,7 @@ impl<S: BrokerStore + 'static> Task<S> {
     /// The notification of `item` for a subscription of `platform` (None:
     /// withheld from it), delay-stamped if `delay_ms`. Serialized once per view.
     fn rendered(&mut self, sh: &mut Shaping, node: &NodeId, item: &Item, platform: &BareJid, delay_ms: Option<u64>) -> Option<Bytes> {
-        let (key, view) = match (&sh.topic, &mut self.plugins) {
-            (Some(topic), Some(p)) => {
-                let (k, v) = p.views.view(&sh.transformers, topic, node, item, platform);
-                // Views are interned: the pointer names the view.
-                (Arc::as_ptr(&k) as usize, v)
-            }
-            _ => (0, View::Whole),
-        };
+        let (key, view) = self.view_of(sh, node, item, platform);
         let memo_key = (key, delay_ms.is_some());
         if let Some(b) = sh.memo.get(&memo_key) {
             return b.clone();
@@ -645,6 +638,18 @@ impl<S: BrokerStore + 'static> Task<S> {
         let bytes = view.apply(item).map(|it| self.notification(&Event::Items { node: node.clone(), items: vec![it] }, delay_ms));
         sh.memo.insert(memo_key, bytes.clone());
         bytes
+    }
+
+    /// What `platform` sees of `item`, and the view's name: its interned
+    /// pointer (views are interned), or 0 when no transformer applies.
+    fn view_of(&mut self, sh: &Shaping, node: &NodeId, item: &Item, platform: &BareJid) -> (usize, View) {
+        match (&sh.topic, &mut self.plugins) {
+            (Some(topic), Some(p)) => {
+                let (k, v) = p.views.view(&sh.transformers, topic, node, item, platform);
+                (Arc::as_ptr(&k) as usize, v)
+            }
+            _ => (0, View::Whole),
+        }
     }
 
     /// A reply's items as `platform` may see them (retrieval, RFC 8600 §9).
@@ -655,15 +660,9 @@ impl<S: BrokerStore + 'static> Task<S> {
         }
         let mut shown = Vec::with_capacity(items.len());
         for item in items {
-            let mut sh = self.shaping(&node, &item);
-            match (&sh.topic, &mut self.plugins) {
-                (Some(topic), Some(p)) => {
-                    let (_, view) = p.views.view(&sh.transformers, topic, &node, &item, platform);
-                    shown.extend(view.apply(&item));
-                }
-                _ => shown.push(item),
-            }
-            sh.memo.clear();
+            let sh = self.shaping(&node, &item);
+            let (_, view) = self.view_of(&sh, &node, &item, platform);
+            shown.extend(view.apply(&item));
         }
         Reply::Items { node, items: shown, page }
     }
