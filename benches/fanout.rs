@@ -490,6 +490,9 @@ struct Run {
     delivered: Vec<AtomicU32>,
     /// Ack time of each publish, ns since `base` (0: not yet).
     ack_ns: Vec<AtomicU64>,
+    /// Time of each publish's first and last delivery, ns since `base` (for `XG_BENCH_DUMP`).
+    first_ns: Vec<AtomicU64>,
+    done_ns: Vec<AtomicU64>,
     /// Items delivered to every subscriber.
     complete: AtomicUsize,
     acked: AtomicUsize,
@@ -511,6 +514,8 @@ impl Run {
             sent_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
             delivered: (0..items).map(|_| AtomicU32::new(0)).collect(),
             ack_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
+            first_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
+            done_ns: (0..items).map(|_| AtomicU64::new(0)).collect(),
             complete: AtomicUsize::new(0),
             acked: AtomicUsize::new(0),
             total: AtomicU64::new(0),
@@ -564,7 +569,11 @@ impl Run {
             let sent = self.sent_ns[seq].load(Ordering::Relaxed);
             lat.lock().unwrap().push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
         }
+        if n == 1 {
+            self.first_ns[seq].store(now, Ordering::Relaxed);
+        }
         if n as usize == self.subs {
+            self.done_ns[seq].store(now, Ordering::Relaxed);
             self.complete.fetch_add(1, Ordering::Relaxed);
             self.progress.notify_one();
         }
@@ -915,10 +924,11 @@ async fn open_run(p: &mut Publisher, shared: &Arc<Shared>, pid: u32, run_id: u32
     let acks = run.ack_latencies(sent);
     // For diagnosis: XG_BENCH_DUMP=DIR writes each publish's send and ack times (ms).
     if let Ok(dir) = std::env::var("XG_BENCH_DUMP") {
-        let mut out = String::from("seq sent_ms ack_ms\n");
+        let mut out = String::from("seq sent_ms ack_ms first_ms last_ms\n");
+        let ms = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64 / 1e6;
         for i in 0..sent {
-            let (s, a) = (run.sent_ns[i].load(Ordering::Relaxed), run.ack_ns[i].load(Ordering::Relaxed));
-            out.push_str(&format!("{i} {:.3} {:.3}\n", s as f64 / 1e6, a as f64 / 1e6));
+            let (s, a, f, l) = (ms(&run.sent_ns[i]), ms(&run.ack_ns[i]), ms(&run.first_ns[i]), ms(&run.done_ns[i]));
+            out.push_str(&format!("{i} {s:.3} {a:.3} {f:.3} {l:.3}\n"));
         }
         let _ = std::fs::write(Path::new(&dir).join(format!("acks-run{run_id}.txt")), out);
     }
