@@ -567,7 +567,8 @@ pub struct Outcome {
 }
 
 impl Snapshot {
-    fn evaluate(&self, authorizer: &Authorizer, r: &Request<'_>, scope: Scope) -> Result<Outcome, String> {
+    /// Cedar's answer to `r` at `time` (seconds since the epoch: the context's `time`).
+    fn evaluate(&self, authorizer: &Authorizer, r: &Request<'_>, scope: Scope, time: u64) -> Result<Outcome, String> {
         let p = &self.policies;
         let local = r.principal.local().ok_or_else(|| format!("{} is not a platform", r.principal))?;
         let built;
@@ -597,7 +598,7 @@ impl Snapshot {
             ("authn".to_string(), RestrictedExpression::new_string(r.context.authn.clone())),
             ("tls_version".to_string(), RestrictedExpression::new_string(r.context.tls_version.to_string())),
             ("source".to_string(), RestrictedExpression::new_string(r.context.source.to_string())),
-            ("time".to_string(), RestrictedExpression::new_long(crate::store::now_secs() as i64)),
+            ("time".to_string(), RestrictedExpression::new_long(time as i64)),
         ])
         .map_err(|e| e.to_string())?;
         // Full (explain) also checks the request against the schema; production builds it right.
@@ -722,6 +723,52 @@ pub struct CedarAuthorizer {
     authorizer: Authorizer,
     /// One reload at a time, so that generations count up.
     reloading: Mutex<()>,
+    memo: Mutex<Memo>,
+}
+
+/// The decisions of the current second and snapshot. A publisher asks the same
+/// question (platform, action, topic, login) for every item, and Cedar takes
+/// tens of microseconds to answer it: on the broker's path, per publish. The
+/// key is every input of an evaluation (the request, with the login and the
+/// context's `time` in seconds) under one snapshot of policies and platforms,
+/// so a remembered decision is exactly the one Cedar would give again.
+#[derive(Default)]
+struct Memo {
+    snapshot: Option<Arc<Snapshot>>,
+    second: u64,
+    decisions: HashMap<String, Decision>,
+}
+
+/// Decisions remembered per second at most (a burst of distinct questions
+/// starts the memo again instead of growing it).
+const MEMO_MAX: usize = 4096;
+
+impl Memo {
+    /// The memo for `snap` at `second`, emptied if either moved on.
+    fn at(&mut self, snap: &Arc<Snapshot>, second: u64) -> &mut HashMap<String, Decision> {
+        let same = self.second == second && self.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snap));
+        if !same || self.decisions.len() >= MEMO_MAX {
+            self.decisions.clear();
+            self.snapshot = Some(snap.clone());
+            self.second = second;
+        }
+        &mut self.decisions
+    }
+}
+
+/// Every input of a request's evaluation, as one string (NUL-separated: no
+/// JID, topic name, payload type or mechanism contains a NUL).
+fn memo_key(r: &Request<'_>) -> String {
+    use std::fmt::Write as _;
+    let mut k = String::with_capacity(128);
+    let _ = write!(k, "{}\0{}\0{}\0{}\0{}\0", r.principal, r.action.name(), r.context.authn, r.context.tls_version, r.context.source);
+    if let Some(t) = &r.topic {
+        let _ = write!(k, "topic\0{}\0{}\0", t.name, t.payload_type);
+        if let Some(o) = t.owner {
+            let _ = write!(k, "{o}");
+        }
+    }
+    k
 }
 
 impl CedarAuthorizer {
@@ -739,7 +786,13 @@ impl CedarAuthorizer {
 
     fn new(dir: Option<PathBuf>, part: PolicyPart, platforms: Vec<PlatformFacts>) -> Self {
         let snap = Snapshot { policies: Arc::new(part), platforms: Arc::new(PlatformPart::build(platforms)) };
-        CedarAuthorizer { dir, state: ArcSwap::from_pointee(snap), authorizer: Authorizer::new(), reloading: Mutex::new(()) }
+        CedarAuthorizer {
+            dir,
+            state: ArcSwap::from_pointee(snap),
+            authorizer: Authorizer::new(),
+            reloading: Mutex::new(()),
+            memo: Mutex::new(Memo::default()),
+        }
     }
 
     /// The directory the policies come from (None: the shipped ones).
@@ -785,14 +838,14 @@ impl CedarAuthorizer {
 
     /// Cedar's answer, evaluated against the index or the whole set.
     pub fn evaluate(&self, r: &Request<'_>, scope: Scope) -> Result<Outcome, String> {
-        self.state.load().evaluate(&self.authorizer, r, scope)
+        self.state.load().evaluate(&self.authorizer, r, scope, crate::store::now_secs())
     }
 
     /// The decision and the policies that made it (whole set, with locations).
     pub fn explain(&self, r: &Request<'_>) -> Explanation {
         let snap = self.state.load();
         let generation = snap.policies.generation;
-        match snap.evaluate(&self.authorizer, r, Scope::Full) {
+        match snap.evaluate(&self.authorizer, r, Scope::Full, crate::store::now_secs()) {
             Ok(o) => {
                 let policies = o
                     .reasons
@@ -826,8 +879,13 @@ impl CedarAuthorizer {
 
 impl Authorize for CedarAuthorizer {
     fn authorize(&self, r: &Request<'_>) -> Decision {
-        let snap = self.state.load();
-        match snap.evaluate(&self.authorizer, r, Scope::Sliced) {
+        let snap = self.state.load_full();
+        let second = crate::store::now_secs();
+        let key = memo_key(r);
+        if let Some(d) = self.memo.lock().unwrap_or_else(|p| p.into_inner()).at(&snap, second).get(&key) {
+            return d.clone();
+        }
+        let d = match snap.evaluate(&self.authorizer, r, Scope::Sliced, second) {
             Ok(o) => {
                 if !o.errors.is_empty() {
                     tracing::warn!(principal = %r.principal, action = r.action.name(), errors = ?o.errors, "policies failed to evaluate and were skipped");
@@ -838,7 +896,9 @@ impl Authorize for CedarAuthorizer {
                 tracing::warn!(principal = %r.principal, action = r.action.name(), error = %e, "request not askable; denied");
                 Decision { allowed: false, reasons: Vec::new(), honeytoken: false }
             }
-        }
+        };
+        self.memo.lock().unwrap_or_else(|p| p.into_inner()).at(&snap, second).insert(key, d.clone());
+        d
     }
 }
 
@@ -1049,6 +1109,43 @@ mod tests {
         assert!(d.allowed && !d.honeytoken);
         let d = a.authorize(&Request { principal: &p, action: Action::Subscribe, topic: topic("incidents"), context: &ctx });
         assert!(d.allowed && !d.honeytoken);
+    }
+
+    #[test]
+    fn remembered_decisions_are_cedars_own_and_follow_every_change_at_once() {
+        let d = copy_shipped("memo");
+        let a = CedarAuthorizer::load(&d, platforms()).unwrap();
+        let names: Vec<String> = platforms().into_iter().map(|f| f.name).collect();
+        // Asked twice (the second time from the memo), every answer is Cedar's.
+        for round in 0..2 {
+            for who in &names {
+                for action in Action::ALL {
+                    for (topic, payload_type, owner) in TOPICS {
+                        for authn in ["PLAIN", "cert"] {
+                            let (principal, ctx, owner) = (jid(who), login(authn), owner.map(jid));
+                            let t = (!action.on_controller()).then_some(Topic { name: topic, payload_type, owner: owner.as_ref() });
+                            let r = Request { principal: &principal, action, topic: t, context: &ctx };
+                            let cedar = a.evaluate(&r, Scope::Sliced).map(|o| (o.allowed, o.reasons)).unwrap_or((false, vec![]));
+                            let got = a.authorize(&r);
+                            assert_eq!((got.allowed, got.reasons), cedar, "round {round}: {who} {action:?} {topic} {authn}");
+                        }
+                    }
+                }
+            }
+        }
+        let (p, ctx, owner) = (jid("pub1"), login("PLAIN"), jid("pub1"));
+        let r = Request { principal: &p, action: Action::Publish, topic: Some(Topic { name: "other", payload_type: "", owner: Some(&owner) }), context: &ctx };
+        assert!(a.authorize(&r).allowed);
+        // A revoked platform is refused by the next request, not a second later.
+        a.update_platforms(vec![facts("pub1", &["publisher"], &[], false, true)]);
+        assert!(!a.authorize(&r).allowed);
+        a.update_platforms(vec![facts("pub1", &["publisher"], &[], false, false)]);
+        assert!(a.authorize(&r).allowed);
+        // So is a new forbid.
+        std::fs::write(d.join("zz-stop.cedar"), "@id(\"stop\")\nforbid(principal, action, resource);\n").unwrap();
+        a.reload_policies().unwrap();
+        assert_eq!(a.authorize(&r).reasons, vec!["stop".to_string()]);
+        std::fs::remove_dir_all(&d).ok();
     }
 
     #[test]
