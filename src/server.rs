@@ -249,7 +249,8 @@ pub async fn start(grid: Arc<Grid>) -> Result<Running, ServerError> {
         queue: grid.cfg.plugins.queue,
         max_payload_bytes: grid.cfg.broker.max_payload_bytes,
     };
-    let broker = Broker::start_with(service, grid.router.sessions().clone(), broker_jid.clone(), Some(plugins))
+    let commit = std::time::Duration::from_millis(grid.cfg.broker.group_commit_ms);
+    let broker = Broker::start_with(service, grid.router.sessions().clone(), broker_jid.clone(), Some(plugins), commit)
         .map_err(|source| ServerError::Io { what: "start the broker".into(), source })?;
     let jid = BareJid::domain(&broker_jid).map_err(|e| ServerError::Broker(e.to_string()))?;
     grid.router.register(jid, broker.clone());

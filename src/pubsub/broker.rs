@@ -1,21 +1,31 @@
-//! The broker task: owns the [`Service`], turns stanzas into requests and
-//! replies, commits changes in groups, and fans out notifications.
+//! The broker: owns the [`Service`], turns stanzas into requests and replies,
+//! commits changes in groups, and fans out notifications.
 //!
-//! One task, so the service needs no locks and every node's items are
-//! delivered in publish order. A change is acknowledged only after the store
-//! has flushed it (group commit: everything that arrived while one flush ran
-//! goes into the next). Fan-out serializes each notification once and hands
-//! the same bytes to every subscriber's bounded queue; a subscriber that
-//! cannot keep up is disconnected by its queue and catches up from its cursor
-//! when it returns (RFC 8600 §6 offline delivery), so nothing is lost.
+//! One state behind one lock, so every node's items are delivered in publish
+//! order. A publish runs on the thread that brings it (the publisher's
+//! session worker), straight through to the subscribers' queues: no hand-off
+//! to another thread on the way from a publish to its notifications. The
+//! broker thread (`xg-broker`) runs what may take long: retrievals,
+//! configuration, presence (which starts offline delivery), the controller's
+//! own requests, expiry and policy re-checks; a request that would overtake
+//! one queued there is queued too, so each session's requests keep their order.
+//!
+//! A change is acknowledged only after the store has flushed it. The commit
+//! thread (`xg-commit`) runs one flush at a time, each taking every change
+//! made while the one before ran (group commit), so a slow disk delays
+//! acknowledgements and nothing else. Fan-out serializes each notification
+//! once and hands the same bytes to every subscriber's bounded queue; a
+//! subscriber that cannot keep up is disconnected by its queue and catches up
+//! from its cursor when it returns (RFC 8600 §6 offline delivery), so nothing
+//! is lost.
 //!
 //! Payload plugins ([`super::payload`]): a publish that validators apply to
 //! is checked (authorization, limits) here, validated on the validator
-//! threads, and comes back as `Cmd::Checked` to be stored; while one is out,
-//! later publishes to the same node follow the same path, so each node keeps
-//! publish order. Transformers shape every item a subscriber receives: live,
-//! replayed, or retrieved. The task runs on a thread of its own, so neither
-//! plugin calls nor the service's work take a worker from the sessions.
+//! threads, and stored and fanned out from there (`Cmd::Checked`); while one
+//! is out, later publishes to the same node follow the same path, so each node
+//! keeps publish order. Transformers shape every item a subscriber receives:
+//! live, replayed, or retrieved. Plugins never run on a session worker: a
+//! publish that transformers apply to goes to the broker thread.
 
 use super::model::*;
 use super::payload::{self, Checked, Job, PluginEnv, PluginEvent, Validators, View, Views};
@@ -31,15 +41,19 @@ use crate::xml::Element;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-/// Requests waiting for the broker task before new ones are refused (`wait`).
-const INBOX: usize = 4096;
 /// Items replayed to one subscription per round of offline delivery.
 const CATCHUP_BATCH: usize = 64;
+/// How often catch-up rounds run while a subscription is catching up.
+const RETRY: Duration = Duration::from_millis(10);
+/// How often items expire and delivery cursors are saved.
+const TICK: Duration = Duration::from_secs(1);
+/// Subscriptions re-checked per hold of the broker (policy changes).
+const RECHECK_BATCH: usize = 256;
 
+/// Work for the broker, run by whoever brings it.
 enum Cmd {
     Stanza(Arc<SessionHandle>, Element),
     Presence(Arc<SessionHandle>, bool),
@@ -47,8 +61,6 @@ enum Cmd {
     Internal(Request, tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
     /// Saves delivery cursors and answers once everything before it is durable.
     Sync(tokio::sync::oneshot::Sender<Result<Reply, PubsubError>>),
-    /// Policies or platforms changed: end the subscriptions no longer allowed.
-    Recheck,
     /// A publish back from its validators.
     Checked(Checked<Waiting>),
 }
@@ -86,37 +98,252 @@ struct PluginState {
 
 /// The broker as the router sees it.
 pub struct Broker {
-    stanzas: mpsc::Sender<Cmd>,
-    /// Presence changes must never be dropped (offline delivery depends on them).
-    presence: mpsc::UnboundedSender<Cmd>,
+    run: Arc<dyn Fn(Cmd) + Send + Sync>,
+    bell: Arc<Bell>,
+    commit: Arc<Bell>,
     jid: String,
 }
 
+/// The broker's state and the thread that flushes it. A request runs on the
+/// thread that brings it (a session's worker, a validator thread), holding the
+/// state for as long as the service takes plus the fan-out: no hand-off to
+/// another thread and back on the way from a publish to its notifications.
+/// The broker thread does what waits: group commits (then the replies and
+/// notifications they held back), offline delivery, expiry, policy re-checks.
+struct Shared<S: BrokerStore> {
+    task: Mutex<Task<S>>,
+    /// Requests for the broker thread: those that may take long (retrievals
+    /// through transformers, configuration, the controller's own), and any
+    /// that would otherwise overtake one of them.
+    queue: Mutex<VecDeque<Cmd>>,
+    /// Requests queued and not yet done.
+    queued: std::sync::atomic::AtomicUsize,
+    /// The broker thread holds the state for a queued request: workers queue
+    /// theirs instead of waiting behind it.
+    slow: std::sync::atomic::AtomicBool,
+    /// Wakes the broker thread.
+    bell: Arc<Bell>,
+    /// Wakes the commit thread.
+    commit: Arc<Bell>,
+    /// Least time from one flush's start to the next one's.
+    commit_interval: Duration,
+    flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
+}
+
+/// Wakes the broker thread.
+#[derive(Default)]
+struct Bell {
+    rung: Mutex<Rung>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Rung {
+    /// Changes wait for a flush, or subscriptions for a catch-up round.
+    work: bool,
+    /// Policies or platforms changed.
+    recheck: bool,
+    stop: bool,
+}
+
+impl Bell {
+    fn ring(&self, f: impl FnOnce(&mut Rung)) {
+        f(&mut self.rung.lock().unwrap_or_else(|p| p.into_inner()));
+        self.cv.notify_one();
+    }
+
+    /// Waits until rung or `until`, and takes what was rung.
+    fn wait(&self, until: Instant) -> Rung {
+        let mut r = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        while !(r.work || r.recheck || r.stop) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            r = self.cv.wait_timeout(r, until - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        std::mem::take(&mut *r)
+    }
+}
+
+fn hold<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<S: BrokerStore + 'static> Shared<S> {
+    /// Runs `cmd` here and now if it is quick and nothing queued is before it;
+    /// else queues it for the broker thread. Wakes the thread if it has work.
+    fn run(&self, cmd: Cmd) {
+        if !self.slow.load(Ordering::Acquire) {
+            let mut t = hold(&self.task);
+            if self.queued.load(Ordering::Acquire) == 0 && t.quick(&cmd) {
+                t.command(cmd);
+                self.wake(t);
+                return;
+            }
+        }
+        {
+            let mut q = hold(&self.queue);
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            q.push_back(cmd);
+        }
+        self.bell.ring(|r| r.work = true);
+    }
+
+    /// Runs the queued requests in order, one per hold of the state.
+    fn run_queued(&self) {
+        loop {
+            let Some(cmd) = hold(&self.queue).pop_front() else { return };
+            let mut t = hold(&self.task);
+            self.slow.store(true, Ordering::Release);
+            t.command(cmd);
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.slow.store(false, Ordering::Release);
+            let flush = t.wants_flush();
+            drop(t);
+            if flush {
+                self.commit.ring(|r| r.work = true);
+            }
+        }
+    }
+
+    /// Wakes the threads for what `t` left them.
+    fn wake(&self, t: std::sync::MutexGuard<'_, Task<S>>) {
+        let (flush, catch_up) = (t.wants_flush(), t.catching_up());
+        drop(t);
+        if flush {
+            self.commit.ring(|r| r.work = true);
+        }
+        if catch_up {
+            self.bell.ring(|r| r.work = true);
+        }
+    }
+
+    /// The broker thread: queued requests, offline delivery, expiry, re-checks.
+    fn thread(&self) {
+        let mut next_tick = Instant::now() + TICK;
+        let mut next_retry = Instant::now();
+        loop {
+            let until = if hold(&self.task).catching_up() { next_tick.min(next_retry) } else { next_tick };
+            let rung = self.bell.wait(until);
+            if rung.stop {
+                return;
+            }
+            if rung.recheck {
+                self.recheck();
+            }
+            self.run_queued();
+            let now = Instant::now();
+            let mut t = hold(&self.task);
+            if now >= next_tick {
+                next_tick = now + TICK;
+                t.tick();
+            }
+            if t.catching_up() && (rung.work || now >= next_retry) {
+                next_retry = now + RETRY;
+                t.catch_up_round();
+            }
+            let flush = t.wants_flush();
+            drop(t);
+            if flush {
+                self.commit.ring(|r| r.work = true);
+            }
+        }
+    }
+
+    /// The commit thread: one flush at a time, each taking every change made
+    /// while the one before ran (group commit); then their replies and notices.
+    /// A slow disk delays acknowledgements, nothing else.
+    fn committer(&self) {
+        let mut last: Option<Instant> = None;
+        loop {
+            if self.commit.wait(Instant::now() + TICK).stop {
+                return;
+            }
+            // Group commit: at most one flush per interval under load.
+            if let Some(due) = last.map(|l| l + self.commit_interval)
+                && let Some(wait) = due.checked_duration_since(Instant::now())
+            {
+                std::thread::sleep(wait);
+            }
+            let Some(batch) = hold(&self.task).begin_flush() else { continue };
+            last = Some(Instant::now());
+            let durable = match (self.flusher)() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("broker flush failed: {e}");
+                    false
+                }
+            };
+            let mut t = hold(&self.task);
+            t.release(batch, durable);
+            // What arrived during this flush rings for the next one.
+            self.wake(t);
+        }
+    }
+
+    /// Ends the subscriptions that policies no longer allow, a batch per hold.
+    fn recheck(&self) {
+        let ids = {
+            let mut t = hold(&self.task);
+            if let Some(p) = &mut t.plugins {
+                p.views.forget_subscribers();
+            }
+            t.svc.subscription_ids()
+        };
+        let login = crate::authz::Context { authn: String::new(), tls_version: "", source: std::net::IpAddr::from([0, 0, 0, 0]) };
+        let mut ended = 0;
+        for chunk in ids.chunks(RECHECK_BATCH) {
+            let mut t = hold(&self.task);
+            let mut deliveries = Vec::new();
+            for id in chunk {
+                match t.svc.recheck_subscription(&login, id) {
+                    Ok(Some(d)) => deliveries.push(d),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("re-checking subscription {id}: {e}"),
+                }
+            }
+            ended += deliveries.len();
+            if !deliveries.is_empty() {
+                t.pending.push(Pending { reply: None, internal: None, deliveries });
+                self.wake(t);
+            }
+        }
+        if ended > 0 {
+            tracing::info!(ended, "subscriptions ended by policy");
+        }
+    }
+}
+
 impl Broker {
-    /// Starts the broker task on `service`, without payload plugins.
+    /// Starts the broker on `service`, without payload plugins, flushing back to back.
     pub fn start<S: BrokerStore + 'static>(service: Service<S>, sessions: Arc<Sessions>, jid: String) -> Arc<Broker> {
-        match Self::start_with(service, sessions, jid, None) {
+        match Self::start_with(service, sessions, jid, None, Duration::ZERO) {
             Ok(b) => b,
             // Without a thread nothing can run; the process cannot serve anyway.
             Err(e) => panic!("cannot start the broker thread: {e}"),
         }
     }
 
-    /// Starts the broker task on `service` on a thread of its own, with `plugins`.
+    /// Starts the broker on `service`, with `plugins`, and its threads; a
+    /// flush starts at least `commit_interval` after the previous one.
     pub fn start_with<S: BrokerStore + 'static>(
         service: Service<S>,
         sessions: Arc<Sessions>,
         jid: String,
         plugins: Option<Plugins>,
+        commit_interval: Duration,
     ) -> std::io::Result<Arc<Broker>> {
-        let (stanzas, stanza_rx) = mpsc::channel(INBOX);
-        let (presence, presence_rx) = mpsc::unbounded_channel();
+        // Validators hand their verdicts back through this, once it is set.
+        let back: Arc<std::sync::OnceLock<Weak<Shared<S>>>> = Arc::default();
         let plugins = match plugins {
             None => None,
             Some(p) => {
-                let back = presence.clone();
+                let back = back.clone();
                 let done: Arc<dyn Fn(Checked<Waiting>) + Send + Sync> = Arc::new(move |c| {
-                    let _ = back.send(Cmd::Checked(c));
+                    if let Some(shared) = back.get().and_then(Weak::upgrade) {
+                        shared.run(Cmd::Checked(c));
+                    }
                 });
                 Some(PluginState {
                     validators: Validators::start(p.threads, p.queue, done)?,
@@ -127,68 +354,74 @@ impl Broker {
                 })
             }
         };
+        let (bell, commit) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
         let task = Task {
             plugins,
-            flusher: Arc::from(service.flusher()),
             svc: service,
             sessions,
             jid: jid.clone(),
             live: HashMap::new(),
             pending: Vec::new(),
+            flushing: false,
             flush_needed: false,
             catchup: VecDeque::new(),
             jids: Default::default(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        std::thread::Builder::new()
-            .name("xg-broker".into())
-            .spawn(move || rt.block_on(task.run(stanza_rx, presence_rx)))?;
-        Ok(Arc::new(Broker { stanzas, presence, jid }))
+        let shared = Arc::new(Shared {
+            flusher: Arc::from(task.svc.flusher()),
+            task: Mutex::new(task),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Default::default(),
+            slow: Default::default(),
+            bell: bell.clone(),
+            commit: commit.clone(),
+            commit_interval,
+        });
+        let _ = back.set(Arc::downgrade(&shared));
+        let on_thread = shared.clone();
+        std::thread::Builder::new().name("xg-broker".into()).spawn(move || on_thread.thread())?;
+        let on_thread = shared.clone();
+        std::thread::Builder::new().name("xg-commit".into()).spawn(move || on_thread.committer())?;
+        Ok(Arc::new(Broker { run: Arc::new(move |cmd| shared.run(cmd)), bell, commit, jid }))
     }
 
     /// Saves delivery progress and waits until all accepted changes are durable
     /// (at shutdown, after the sessions have ended).
     pub async fn sync(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.presence.send(Cmd::Sync(tx)).is_ok() {
-            let _ = rx.await;
-        }
+        (self.run)(Cmd::Sync(tx));
+        let _ = rx.await;
     }
 
-    /// Re-checks every subscription against the current policies (never blocks).
+    /// Re-checks every subscription against the current policies, on the
+    /// broker thread (never blocks the caller).
     pub fn recheck(&self) {
-        let _ = self.presence.send(Cmd::Recheck);
+        self.bell.ring(|r| r.recheck = true);
     }
 
     /// Runs a request as the controller itself (not a platform), e.g. to create
     /// and publish to the grid's own alerts topic.
     pub async fn internal(&self, req: Request) -> Result<Reply, PubsubError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.stanzas
-            .send(Cmd::Internal(req, tx))
-            .await
-            .map_err(|_| PubsubError::Storage("broker stopped".into()))?;
+        (self.run)(Cmd::Internal(req, tx));
         rx.await.map_err(|_| PubsubError::Storage("broker stopped".into()))?
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.bell.ring(|r| r.stop = true);
+        self.commit.ring(|r| r.stop = true);
     }
 }
 
 impl Component for Broker {
     fn handle(&self, session: &Arc<SessionHandle>, stanza: Element) {
-        match self.stanzas.try_send(Cmd::Stanza(session.clone(), stanza)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Cmd::Stanza(s, st))) => {
-                // Overloaded: say so instead of queueing without bound.
-                let e = StanzaError::new("resource-constraint").kind(ErrorType::Wait).text("the broker is busy; retry");
-                if let Some(r) = e.reply_to(&st) {
-                    let _ = s.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
-                }
-            }
-            Err(_) => tracing::error!(broker = %self.jid, "broker task is gone"),
-        }
+        (self.run)(Cmd::Stanza(session.clone(), stanza));
     }
 
     fn presence(&self, session: &Arc<SessionHandle>, available: bool) {
-        let _ = self.presence.send(Cmd::Presence(session.clone(), available));
+        (self.run)(Cmd::Presence(session.clone(), available));
     }
 }
 
@@ -224,12 +457,13 @@ struct Pending {
 struct Task<S: BrokerStore> {
     svc: Service<S>,
     plugins: Option<PluginState>,
-    flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
     sessions: Arc<Sessions>,
     jid: String,
     live: HashMap<String, Live>,
     /// Waiting for the flush after the one in progress.
     pending: Vec<Pending>,
+    /// The broker thread is flushing (it takes `pending` again when done).
+    flushing: bool,
     /// Cursor updates were written to the store and want a flush.
     flush_needed: bool,
     catchup: VecDeque<String>,
@@ -247,81 +481,34 @@ struct Shaping {
     memo: HashMap<(usize, bool), Option<Bytes>>,
 }
 
+
+/// The node and payload namespace of a publish request (XEP-0060 §7.1).
+fn publish_of(stanza: &Element) -> Option<(&str, &str)> {
+    if stanza.name != "iq" || stanza.attr("type") != Some("set") {
+        return None;
+    }
+    let pubsub = stanza.elements().find(|e| e.name == "pubsub" && e.ns == protocol::NS_PUBSUB)?;
+    let publish = pubsub.elements().find(|e| e.name == "publish")?;
+    let payload = publish.elements().find(|e| e.name == "item").and_then(|i| i.elements().next());
+    Some((publish.attr("node")?, payload.map_or("", |p| p.ns.as_str())))
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl<S: BrokerStore + 'static> Task<S> {
-    async fn run(mut self, mut stanzas: mpsc::Receiver<Cmd>, mut presence: mpsc::UnboundedReceiver<Cmd>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut retry = tokio::time::interval(Duration::from_millis(10));
-        let mut flushing: Option<(tokio::task::JoinHandle<bool>, Vec<Pending>)> = None;
-        loop {
-            tokio::select! {
-                biased;
-                done = async { (&mut flushing.as_mut().expect("guarded").0).await }, if flushing.is_some() => {
-                    let (_, batch) = flushing.take().expect("guarded");
-                    let ok = done.unwrap_or(false);
-                    self.release(batch, ok);
-                }
-                Some(cmd) = presence.recv() => self.command(cmd),
-                cmd = stanzas.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    if let Err(e) = self.svc.expire(now_ms()) {
-                        tracing::error!("item expiry: {e}");
-                    }
-                    self.persist_cursors(false);
-                }
-                _ = retry.tick(), if !self.catchup.is_empty() => self.catch_up_round(),
-            }
-            if flushing.is_none() && (!self.pending.is_empty() || self.flush_needed) {
-                let batch = std::mem::take(&mut self.pending);
-                self.flush_needed = false;
-                let f = self.flusher.clone();
-                let h = tokio::task::spawn_blocking(move || match f() {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!("broker flush failed: {e}");
-                        false
-                    }
-                });
-                flushing = Some((h, batch));
-            }
-        }
-    }
-
     fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Stanza(session, stanza) => self.stanza(session, stanza),
             Cmd::Presence(session, available) => self.presence(&session, available),
-            Cmd::Recheck => {
-                if let Some(p) = &mut self.plugins {
-                    p.views.forget_subscribers();
-                }
-                let login = crate::authz::Context {
-                    authn: String::new(),
-                    tls_version: "",
-                    source: std::net::IpAddr::from([0, 0, 0, 0]),
-                };
-                match self.svc.recheck_subscriptions(&login) {
-                    Ok(deliveries) if !deliveries.is_empty() => {
-                        tracing::info!(ended = deliveries.len(), "subscriptions ended by policy");
-                        self.pending.push(Pending { reply: None, internal: None, deliveries });
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!("re-checking subscriptions: {e}"),
-                }
-            }
             Cmd::Checked(c) => self.checked(c),
             Cmd::Sync(tx) => {
                 self.persist_cursors(true);
                 self.pending.push(Pending { reply: None, internal: Some((tx, Reply::Empty)), deliveries: Vec::new() });
             }
             Cmd::Internal(req, reply) => {
-                        let mutation = Service::<S>::is_mutation(&req);
+                let mutation = Service::<S>::is_mutation(&req);
                 let publish = matches!(req, Request::Publish { .. });
                 let ctx = Ctx { actor: Actor::Controller, login: None, now_ms: now_ms() };
                 match self.svc.handle(&ctx, req) {
@@ -339,6 +526,52 @@ impl<S: BrokerStore + 'static> Task<S> {
                 }
             }
         }
+    }
+
+    /// Whether `cmd` is quick enough to run on the thread that brings it: a
+    /// validator's verdict (on its validator thread), or a publish that no
+    /// transformer applies to. Anything else may read many items (a presence
+    /// starts offline delivery) or run plugins for each, and goes to the
+    /// broker thread.
+    fn quick(&self, cmd: &Cmd) -> bool {
+        match cmd {
+            Cmd::Checked(_) => true,
+            Cmd::Presence(..) | Cmd::Internal(..) | Cmd::Sync(_) => false,
+            Cmd::Stanza(_, stanza) => match publish_of(stanza) {
+                None => false,
+                Some((node, payload_ns)) => self.plugins.as_ref().is_none_or(|p| {
+                    let set = p.host.current();
+                    set.is_empty() || set.transformers(node, payload_ns).is_empty()
+                }),
+            },
+        }
+    }
+
+    /// Whether a flush should start: changes wait, and none runs.
+    fn wants_flush(&self) -> bool {
+        !self.flushing && (!self.pending.is_empty() || self.flush_needed)
+    }
+
+    fn catching_up(&self) -> bool {
+        !self.catchup.is_empty()
+    }
+
+    /// Takes the changes of the next group commit, unless a flush runs already.
+    fn begin_flush(&mut self) -> Option<Vec<Pending>> {
+        if self.flushing || (self.pending.is_empty() && !self.flush_needed) {
+            return None;
+        }
+        self.flushing = true;
+        self.flush_needed = false;
+        Some(std::mem::take(&mut self.pending))
+    }
+
+    /// Periodic work: expiry, and saving delivery cursors.
+    fn tick(&mut self) {
+        if let Err(e) = self.svc.expire(now_ms()) {
+            tracing::error!("item expiry: {e}");
+        }
+        self.persist_cursors(false);
     }
 
     fn stanza(&mut self, session: Arc<SessionHandle>, stanza: Element) {
@@ -505,6 +738,7 @@ impl<S: BrokerStore + 'static> Task<S> {
 
     /// A flush finished: acknowledge the batch and fan out its notifications.
     fn release(&mut self, batch: Vec<Pending>, durable: bool) {
+        self.flushing = false;
         for p in batch {
             if !durable {
                 // Nothing of this batch may be claimed stored. The error carries the
@@ -560,7 +794,7 @@ impl<S: BrokerStore + 'static> Task<S> {
                 }
                 _ => {
                     let rest = self.notification(&d.event, None);
-                    for t in &d.to {
+                    for t in d.to.iter() {
                         for s in self.available_sessions(&t.jid) {
                             let _ = s.deliver(Outbound::ToSelf { rest: rest.clone(), ack: None });
                         }
@@ -1080,6 +1314,54 @@ mod tests {
         // The controller's own requests are told too.
         let r = f.broker.internal(publish("x")).await;
         assert!(matches!(r, Err(PubsubError::Storage(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_publish_never_overtakes_an_earlier_request_of_its_session() {
+        // Creating runs on the broker thread, publishing on the caller's: the
+        // publish right behind a create must still find the topic.
+        let gate = Arc::new(Gate::default());
+        let f = start(service(&gate, 0));
+        let (alice, mut rx) = f.bind("alice@grid.test/r", 1024);
+        let pairs: Vec<(Element, Element)> = (0..100)
+            .map(|i| {
+                let create = format!(
+                    "<iq type='set' id='c{i}' from='alice@grid.test/r' to='broker.grid.test'>\
+                     <pubsub xmlns='http://jabber.org/protocol/pubsub'><create node='n{i}'/></pubsub></iq>"
+                );
+                let publish = format!(
+                    "<iq type='set' id='p{i}' from='alice@grid.test/r' to='broker.grid.test'>\
+                     <pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='n{i}'>\
+                     <item id='x'><x xmlns='urn:test'/></item></publish></pubsub></iq>"
+                );
+                (stanza(&create), stanza(&publish))
+            })
+            .collect();
+        for (create, publish) in pairs {
+            f.broker.handle(&alice, create);
+            f.broker.handle(&alice, publish);
+        }
+        let got = drain(&mut rx, QUIET).await;
+        let ids: Vec<&str> = got.iter().filter_map(|s| s.split("id='").nth(1)?.split('\'').next()).collect();
+        let want: Vec<String> = (0..100).flat_map(|i| [format!("c{i}"), format!("p{i}")]).collect();
+        assert_eq!(ids, want);
+        assert!(got.iter().all(|s| s.contains("type='result'")), "{:?}", got.iter().find(|s| !s.contains("type='result'")));
+    }
+
+    #[tokio::test]
+    async fn under_load_flushes_are_spaced_by_the_group_commit_interval() {
+        let gate = Arc::new(Gate::default());
+        let sessions = Arc::new(Sessions::default());
+        let interval = Duration::from_millis(100);
+        let broker = Broker::start_with(service(&gate, 0), sessions, "broker.grid.test".into(), None, interval).unwrap();
+        // Idle: the first change is flushed at once.
+        let t0 = Instant::now();
+        broker.internal(publish("a")).await.unwrap();
+        let first = t0.elapsed();
+        assert!(first < interval, "{first:?}");
+        // Right behind it, the next flush waits for the interval.
+        broker.internal(publish("b")).await.unwrap();
+        assert!(t0.elapsed() >= interval, "{:?}", t0.elapsed());
     }
 
     #[tokio::test]

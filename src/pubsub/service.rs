@@ -76,7 +76,7 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub event: Event,
-    pub to: Vec<Target>,
+    pub to: Arc<[Target]>,
 }
 
 /// What one request produced.
@@ -122,6 +122,10 @@ pub struct Service<S: BrokerStore> {
     nodes: BTreeMap<NodeId, NodeState>,
     subs: HashMap<String, SubRecord>,
     by_platform: HashMap<BareJid, Vec<String>>,
+    /// Each node's delivery targets, built on its first publish and reused by
+    /// the next ones (a publish copies no subscriber's addresses). Emptied by
+    /// every request but a publish, since any other may change subscriptions.
+    targets: std::cell::RefCell<HashMap<NodeId, Arc<[Target]>>>,
 }
 
 fn storage(e: super::store::BrokerStoreError) -> PubsubError {
@@ -160,6 +164,7 @@ impl<S: BrokerStore> Service<S> {
             nodes,
             subs: HashMap::new(),
             by_platform: HashMap::new(),
+            targets: Default::default(),
         };
         for s in loaded.subs {
             let Some(n) = svc.nodes.get_mut(&s.node) else { continue };
@@ -196,6 +201,15 @@ impl<S: BrokerStore> Service<S> {
 
     /// Handles one request.
     pub fn handle(&mut self, ctx: &Ctx, req: Request) -> Result<Outcome, PubsubError> {
+        let publish = matches!(req, Request::Publish { .. });
+        let out = self.dispatch(ctx, req);
+        if !publish {
+            self.targets.get_mut().clear();
+        }
+        out
+    }
+
+    fn dispatch(&mut self, ctx: &Ctx, req: Request) -> Result<Outcome, PubsubError> {
         match req {
             Request::Create { node, config } => self.create(ctx, node, config),
             Request::ConfigureGet { node } => {
@@ -714,7 +728,7 @@ impl<S: BrokerStore> Service<S> {
                     && let Some(item) = self.store.get_item(&node, seq).map_err(storage)? {
                         out.deliveries.push(Delivery {
                             event: Event::Items { node: node.clone(), items: vec![item] },
-                            to: vec![target(&sub)],
+                            to: Arc::from([target(&sub)]),
                         });
                     }
             }
@@ -893,7 +907,7 @@ impl<S: BrokerStore> Service<S> {
                     if let Some(s) = sub {
                         out.deliveries.push(Delivery {
                             event: Event::Subscription { node: node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: None },
-                            to: vec![Target { jid: s.jid, owner: s.owner, subid: None }],
+                            to: Arc::from([Target { jid: s.jid, owner: s.owner, subid: None }]),
                         });
                     }
                 }
@@ -904,7 +918,7 @@ impl<S: BrokerStore> Service<S> {
                         self.store.put_sub(s).map_err(storage)?;
                         out.deliveries.push(Delivery {
                             event: Event::Subscription { node: node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: Some(st) },
-                            to: vec![Target { jid: s.jid.clone(), owner: s.owner.clone(), subid: None }],
+                            to: Arc::from([Target { jid: s.jid.clone(), owner: s.owner.clone(), subid: None }]),
                         });
                     }
                 }
@@ -926,7 +940,7 @@ impl<S: BrokerStore> Service<S> {
                     self.by_platform.entry(sub.owner.clone()).or_default().push(sub.subid.clone());
                     out.deliveries.push(Delivery {
                         event: Event::Subscription { node: node.clone(), jid: sub.jid.clone(), subid: sub.subid.clone(), state: Some(st) },
-                        to: vec![Target { jid: sub.jid.clone(), owner: sub.owner.clone(), subid: None }],
+                        to: Arc::from([Target { jid: sub.jid.clone(), owner: sub.owner.clone(), subid: None }]),
                     });
                     self.subs.insert(sub.subid.clone(), sub);
                 }
@@ -992,7 +1006,7 @@ impl<S: BrokerStore> Service<S> {
         };
         out.deliveries.push(Delivery {
             event: Event::Subscription { node, jid: jid_s.clone(), subid: id, state },
-            to: vec![Target { jid: jid_s, owner: jid.bare().clone(), subid: None }],
+            to: Arc::from([Target { jid: jid_s, owner: jid.bare().clone(), subid: None }]),
         });
         Ok(out)
     }
@@ -1000,8 +1014,12 @@ impl<S: BrokerStore> Service<S> {
     // ---- delivery support for the broker task ---------------------------
 
     /// Active (subscribed) subscriptions of a node, as delivery targets.
-    fn subscribed(&self, node: &NodeId) -> Vec<Target> {
-        self.nodes
+    fn subscribed(&self, node: &NodeId) -> Arc<[Target]> {
+        if let Some(t) = self.targets.borrow().get(node) {
+            return t.clone();
+        }
+        let targets: Arc<[Target]> = self
+            .nodes
             .get(node)
             .map(|n| {
                 n.subs
@@ -1011,7 +1029,9 @@ impl<S: BrokerStore> Service<S> {
                     .map(target)
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.targets.borrow_mut().insert(node.clone(), targets.clone());
+        targets
     }
 
     /// The approval requests (§8.6) waiting for `owner`: one per pending
@@ -1061,24 +1081,26 @@ impl<S: BrokerStore> Service<S> {
         self.nodes.get(node).map_or(0, NodeState::last_seq)
     }
 
-    /// Asks again whether every subscription is still allowed (after policies or
-    /// platforms changed) and ends those that are not, telling their subscribers.
-    /// `login` stands in for the session facts the policies may consult.
-    pub fn recheck_subscriptions(&mut self, login: &authz::Context) -> Result<Vec<Delivery>, PubsubError> {
-        let subs: Vec<SubRecord> = self.subs.values().cloned().collect();
-        let mut out = Vec::new();
-        for s in subs {
-            let ctx = Ctx { actor: Actor::Platform(s.owner.clone()), login: Some(login), now_ms: 0 };
-            if self.ask(&ctx, Action::Subscribe, &s.node).is_ok() {
-                continue;
-            }
-            self.drop_sub(&s.subid)?;
-            out.push(Delivery {
-                event: Event::Subscription { node: s.node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: None },
-                to: vec![Target { jid: s.jid, owner: s.owner, subid: None }],
-            });
+    /// Every subscription's id (the broker re-checks them a few at a time).
+    pub fn subscription_ids(&self) -> Vec<String> {
+        self.subs.keys().cloned().collect()
+    }
+
+    /// Asks again whether subscription `subid` is still allowed (after policies
+    /// or platforms changed) and ends it if not, returning the notice for its
+    /// subscriber. `login` stands in for the session facts the policies may consult.
+    pub fn recheck_subscription(&mut self, login: &authz::Context, subid: &str) -> Result<Option<Delivery>, PubsubError> {
+        let Some(s) = self.subs.get(subid).cloned() else { return Ok(None) };
+        let ctx = Ctx { actor: Actor::Platform(s.owner.clone()), login: Some(login), now_ms: 0 };
+        if self.ask(&ctx, Action::Subscribe, &s.node).is_ok() {
+            return Ok(None);
         }
-        Ok(out)
+        self.drop_sub(&s.subid)?;
+        self.targets.get_mut().clear();
+        Ok(Some(Delivery {
+            event: Event::Subscription { node: s.node.clone(), jid: s.jid.clone(), subid: s.subid.clone(), state: None },
+            to: Arc::from([Target { jid: s.jid, owner: s.owner, subid: None }]),
+        }))
     }
 
     /// Records delivery progress of a subscription (persisted with the next flush).
@@ -1314,6 +1336,34 @@ mod tests {
             })
             .flat_map(|d| d.to.iter().map(|t| t.jid.clone()))
             .collect()
+    }
+
+    #[test]
+    fn each_publish_reaches_the_subscribers_of_that_moment() {
+        // Targets are reused from one publish to the next: every change in between must show.
+        let mut f = fx();
+        f.create("alice", "incidents", patch());
+        let send = |f: &mut Fx<MemStore>| {
+            let mut to = recipients(&f.ok("alice", publish("incidents", None, "x")), "items");
+            to.sort();
+            to
+        };
+        assert!(send(&mut f).is_empty());
+        f.subscribe("bob", "incidents");
+        assert_eq!(send(&mut f), ["bob@grid.test"]);
+        assert_eq!(send(&mut f), ["bob@grid.test"]);
+        f.subscribe("carol", "incidents");
+        assert_eq!(send(&mut f), ["bob@grid.test", "carol@grid.test"]);
+        let quiet = Request::OptionsSet { node: n("incidents"), jid: jid("bob@grid.test"), subid: None, deliver: Some(false) };
+        f.ok("bob", quiet);
+        assert_eq!(send(&mut f), ["carol@grid.test"]);
+        f.ok("carol", Request::Unsubscribe { node: n("incidents"), jid: jid("carol@grid.test"), subid: None });
+        assert!(send(&mut f).is_empty());
+        let loud = Request::OptionsSet { node: n("incidents"), jid: jid("bob@grid.test"), subid: None, deliver: Some(true) };
+        f.ok("bob", loud);
+        assert_eq!(send(&mut f), ["bob@grid.test"]);
+        f.affiliate("alice", "incidents", "bob", Affiliation::Outcast);
+        assert!(send(&mut f).is_empty());
     }
 
     // ---- create -----------------------------------------------------------
@@ -1570,7 +1620,7 @@ mod tests {
                 let it = &items[0];
                 assert_eq!((it.id.as_str(), it.seq, &it.publisher, it.published_ms), ("a", 1, &p("alice"), now));
                 assert_eq!(it.payload, payload("one"));
-                assert_eq!(to, &vec![Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(f.my_subs("bob")[0].subid.clone()) }]);
+                assert_eq!(&to[..], &[Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(f.my_subs("bob")[0].subid.clone()) }]);
             }
             d => panic!("{d:?}"),
         }
@@ -2334,7 +2384,7 @@ mod tests {
         match &o.deliveries[..] {
             [Delivery { event: Event::Items { items, .. }, to }] => {
                 assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), vec!["b"]);
-                assert_eq!(to, &vec![Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(s.subid) }]);
+                assert_eq!(&to[..], &[Target { jid: "bob@grid.test".into(), owner: p("bob"), subid: Some(s.subid) }]);
             }
             d => panic!("{d:?}"),
         }
