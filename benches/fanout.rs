@@ -26,7 +26,8 @@
 //! One warm-up run, then `--runs` timed runs of each; the table shows medians. The
 //! generator is one thread (tokio current_thread); its CPU time comes from getrusage, the
 //! server's from /proc/PID/stat. Servers: `ours` runs the release binary built with this
-//! bench (`XG_BENCH_BIN` overrides; `XG_BENCH_TOML` is appended to its config) in a
+//! bench (`XG_BENCH_BIN` overrides; `XG_BENCH_BROKER` is added to its `[broker]` table and
+//! `XG_BENCH_TOML` appended to its config) in a
 //! temporary directory (under `TMPDIR`); `XG_BENCH_DUMP=DIR` writes each open-loop
 //! publish's send and ack times there; peers are started with their
 //! scripts on free ports with a private state dir and accounts added with `adduser.sh -n`.
@@ -263,9 +264,11 @@ fn start_ours(opts: &Opts) -> Result<Server> {
         &cfg,
         format!(
             "domain = \"{DOMAIN}\"\ndata_dir = \"data\"\n\n[listen]\nstarttls = \"127.0.0.1:{port}\"\ndirect_tls = \"\"\n\n\
-             [broker]\ndefault_access_model = \"open\"\n\n\
+             [broker]\ndefault_access_model = \"open\"\n{}\n\n\
              [limits]\nmax_connections_per_ip = 100000\nmax_connections = 100000\nread_rate_bytes_per_sec = 1073741824\n\n{}\n",
-            // For experiments, e.g. XG_BENCH_TOML=$'[policies]\nenforce = false'.
+            // For experiments: XG_BENCH_BROKER=$'group_commit_ms = 5' (more [broker] keys),
+            // XG_BENCH_TOML=$'[policies]\nenforce = false' (more tables).
+            std::env::var("XG_BENCH_BROKER").unwrap_or_default(),
             std::env::var("XG_BENCH_TOML").unwrap_or_default()
         ),
     )
