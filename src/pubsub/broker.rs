@@ -104,12 +104,12 @@ pub struct Broker {
     jid: String,
 }
 
-/// The broker's state and the thread that flushes it. A request runs on the
-/// thread that brings it (a session's worker, a validator thread), holding the
-/// state for as long as the service takes plus the fan-out: no hand-off to
-/// another thread and back on the way from a publish to its notifications.
-/// The broker thread does what waits: group commits (then the replies and
-/// notifications they held back), offline delivery, expiry, policy re-checks.
+/// The broker's state, and what its two threads need. A quick request runs on
+/// the thread that brings it (a session's worker, a validator thread), holding
+/// the state for the service and the fan-out: no hand-off to another thread on
+/// the way from a publish to its notifications. The broker thread runs the
+/// queued requests, offline delivery, expiry and policy re-checks; the commit
+/// thread flushes, then sends the replies and notifications a flush held back.
 struct Shared<S: BrokerStore> {
     task: Mutex<Task<S>>,
     /// Requests for the broker thread: those that may take long (retrievals
@@ -130,7 +130,7 @@ struct Shared<S: BrokerStore> {
     flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
 }
 
-/// Wakes the broker thread.
+/// Wakes one of the broker's threads.
 #[derive(Default)]
 struct Bell {
     rung: Mutex<Rung>,
