@@ -148,13 +148,13 @@ struct Rung {
 
 impl Bell {
     fn ring(&self, f: impl FnOnce(&mut Rung)) {
-        f(&mut self.rung.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut hold(&self.rung));
         self.cv.notify_one();
     }
 
     /// Waits until rung or `until`, and takes what was rung.
     fn wait(&self, until: Instant) -> Rung {
-        let mut r = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = hold(&self.rung);
         while !(r.work || r.recheck || r.stop) {
             let now = Instant::now();
             if now >= until {
@@ -166,6 +166,7 @@ impl Bell {
     }
 }
 
+/// Locks `m`; a panic elsewhere while it was held does not stop the broker.
 fn hold<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -199,21 +200,23 @@ impl<S: BrokerStore + 'static> Shared<S> {
             t.command(cmd);
             self.queued.fetch_sub(1, Ordering::AcqRel);
             self.slow.store(false, Ordering::Release);
-            let flush = t.wants_flush();
-            drop(t);
-            if flush {
-                self.commit.ring(|r| r.work = true);
-            }
+            self.commit_if_wanted(t);
+        }
+    }
+
+    /// Lets go of the state, and wakes the commit thread if a flush is wanted.
+    fn commit_if_wanted(&self, t: std::sync::MutexGuard<'_, Task<S>>) {
+        let flush = t.wants_flush();
+        drop(t);
+        if flush {
+            self.commit.ring(|r| r.work = true);
         }
     }
 
     /// Wakes the threads for what `t` left them.
     fn wake(&self, t: std::sync::MutexGuard<'_, Task<S>>) {
-        let (flush, catch_up) = (t.wants_flush(), t.catching_up());
-        drop(t);
-        if flush {
-            self.commit.ring(|r| r.work = true);
-        }
+        let catch_up = t.catching_up();
+        self.commit_if_wanted(t);
         if catch_up {
             self.bell.ring(|r| r.work = true);
         }
@@ -243,11 +246,7 @@ impl<S: BrokerStore + 'static> Shared<S> {
                 next_retry = now + RETRY;
                 t.catch_up_round();
             }
-            let flush = t.wants_flush();
-            drop(t);
-            if flush {
-                self.commit.ring(|r| r.work = true);
-            }
+            self.commit_if_wanted(t);
         }
     }
 
