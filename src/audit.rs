@@ -67,8 +67,9 @@ const CANONICAL_TAG: &[u8] = b"xmpp-grid-audit-v1\0";
 /// stay small.
 const MAX_FIELDS: usize = 32;
 const MAX_FIELD: usize = 1024;
-/// Records appended per sled batch by the sink's writer.
-const MAX_BATCH: usize = 4096;
+/// Records appended (and flushed) at once by the sink's writer; the chain
+/// head carries a copy of them (see [`StoredHead`]).
+const MAX_BATCH: usize = 256;
 
 /// Serialises appends within the process: appends read the head and write
 /// the next records, and sled's file lock already keeps other processes out.
@@ -268,6 +269,21 @@ pub struct Head {
     pub hash: String,
 }
 
+/// The head as stored. An append writes it first, in one insert (atomic in
+/// sled), with a copy of the records it adds in `batch`, and then the records.
+/// sled recovers a prefix of its log, so a crash in between leaves the head
+/// and a prefix of the batch; [`AuditLog::recover`] at start, or the next
+/// append, writes the rest with a `chain-repair` record saying so. Appends
+/// use no sled batch or transaction: those wait for every flush in progress,
+/// and once used make every other write of the process wait behind them.
+#[derive(Serialize, Deserialize)]
+struct StoredHead {
+    seq: u64,
+    hash: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    batch: Vec<Record>,
+}
+
 /// The outcome of [`AuditLog::verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
@@ -348,6 +364,56 @@ impl AuditLog {
         Ok(AuditLog { db: db.clone(), tree: db.open_tree(TREE)? })
     }
 
+    /// At start: writes the records of an append that a crash interrupted (see
+    /// [`StoredHead`]), with a `chain-repair` record saying so, and returns it.
+    /// Reading and `verify` never write: until then they show the gap.
+    pub fn recover(&self) -> Result<Option<Record>, AuditError> {
+        let mut recs = {
+            let _guard = APPEND.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(note) = self.restore_from_head()? else { return Ok(None) };
+            self.append_locked(vec![note])?
+        };
+        self.db.flush()?;
+        Ok(recs.pop())
+    }
+
+    /// Writes the records of the newest append that are missing from their
+    /// keys but kept in the head, and returns the `chain-repair` entry that
+    /// says so. Only when a crash could have left it so: the records present
+    /// end inside or just before that append. Any other gap is left for
+    /// `verify` and `next_link` to report.
+    fn restore_from_head(&self) -> Result<Option<Entry>, AuditError> {
+        let Some(v) = self.tree.get(HEAD_KEY)? else { return Ok(None) };
+        let Ok(head) = serde_json::from_slice::<StoredHead>(&v) else { return Ok(None) };
+        let Some(first) = head.batch.first().map(|r| r.seq) else { return Ok(None) };
+        let newest = self.newest()?.map_or(0, |(seq, _)| seq);
+        if newest + 1 < first || newest >= head.seq {
+            return Ok(None);
+        }
+        for r in head.batch.iter().filter(|r| r.seq > newest) {
+            self.tree.insert(record_key(r.seq), serde_json::to_vec(r).unwrap_or_default())?;
+        }
+        let restored = format!("{}..{}", newest + 1, head.seq);
+        tracing::warn!(%restored, "audit log: wrote records of the newest append from the chain head's copy");
+        let f = fields([
+            ("restored", restored),
+            (
+                "reason",
+                "records of the newest append were missing and were written from the chain head's copy: an append interrupted by a crash, or records removed".to_string(),
+            ),
+        ]);
+        Ok(Some(Entry::now(Kind::ChainRepair, CONTROLLER, f)))
+    }
+
+    /// The newest record's seq and hash, if any (an unreadable one gives a zero hash).
+    fn newest(&self) -> Result<Option<(u64, [u8; 32])>, AuditError> {
+        let Some(kv) = self.tree.scan_prefix([RECORD_PREFIX]).next_back() else { return Ok(None) };
+        let (k, v) = kv?;
+        let seq = key_seq(&k).unwrap_or(0);
+        let hash = serde_json::from_slice::<Record>(&v).ok().and_then(|r| unhex32(&r.hash)).unwrap_or([0; 32]);
+        Ok(Some((seq, hash)))
+    }
+
     /// The chain head as stored (seq 0 and zero hash for an empty log).
     pub fn head(&self) -> Result<Head, AuditError> {
         match self.tree.get(HEAD_KEY)? {
@@ -362,35 +428,41 @@ impl AuditLog {
         recs.pop().ok_or(AuditError::WriterGone)
     }
 
-    /// Appends entries in order in one atomic sled batch, flushes, and returns
-    /// the records as stored.
+    /// Appends entries in order (head first, see [`StoredHead`]), flushes, and
+    /// returns the records as stored.
     pub fn append_batch(&self, entries: Vec<Entry>) -> Result<Vec<Record>, AuditError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let records = {
             let _guard = APPEND.lock().unwrap_or_else(|p| p.into_inner());
-            let (mut seq, mut prev, repair) = self.next_link()?;
-            let mut batch = sled::Batch::default();
-            let mut records = Vec::with_capacity(entries.len() + 1);
-            for e in repair.into_iter().chain(entries) {
+            let note = self.restore_from_head()?;
+            self.append_locked(note.into_iter().chain(entries).collect())?
+        };
+        // Outside the lock: concurrent appenders share sled's group flush.
+        self.db.flush()?;
+        Ok(records)
+    }
+
+    /// Writes `entries` after the chain's end, head first; the caller holds `APPEND`.
+    fn append_locked(&self, entries: Vec<Entry>) -> Result<Vec<Record>, AuditError> {
+        let (mut seq, mut prev, repair) = self.next_link()?;
+        let mut records = Vec::with_capacity(entries.len() + 1);
+        for e in repair.into_iter().chain(entries) {
                 seq += 1;
                 let ts = crate::pubsub::protocol::xep0082(e.time_ms, true);
                 let mut r = Record { seq, ts, kind: e.kind, subject: e.subject, fields: e.fields, prev: hex(&prev), hash: String::new() };
                 let h = r.compute_hash(&prev);
                 r.hash = hex(&h);
                 prev = h;
-                batch.insert(&record_key(seq)[..], serde_json::to_vec(&r).unwrap_or_default());
                 records.push(r);
-            }
-            let head = Head { seq, hash: hex(&prev) };
-            batch.insert(HEAD_KEY, serde_json::to_vec(&head).unwrap_or_default());
-            self.tree.apply_batch(batch)?;
-            records
-        };
-        // Outside the lock: concurrent appenders share sled's group flush.
-        self.db.flush()?;
-        Ok(records)
+        }
+        let head = StoredHead { seq, hash: hex(&prev), batch: records };
+        self.tree.insert(HEAD_KEY, serde_json::to_vec(&head).unwrap_or_default())?;
+        for r in &head.batch {
+            self.tree.insert(record_key(r.seq), serde_json::to_vec(r).unwrap_or_default())?;
+        }
+        Ok(head.batch)
     }
 
     /// Where the next record goes: the last seq and hash to chain from, and a
@@ -400,15 +472,7 @@ impl AuditLog {
     /// truncated records, and the repair record keeps the fact in the chain.
     fn next_link(&self) -> Result<(u64, [u8; 32], Option<Entry>), AuditError> {
         let head = self.tree.get(HEAD_KEY)?.map(|v| serde_json::from_slice::<Head>(&v).ok().and_then(|h| Some((h.seq, unhex32(&h.hash)?))));
-        let last = match self.tree.scan_prefix([RECORD_PREFIX]).next_back() {
-            None => None,
-            Some(kv) => {
-                let (k, v) = kv?;
-                let seq = key_seq(&k).unwrap_or(0);
-                let hash = serde_json::from_slice::<Record>(&v).ok().and_then(|r| unhex32(&r.hash)).unwrap_or([0; 32]);
-                Some((seq, hash))
-            }
-        };
+        let last = self.newest()?;
         let (seq, prev) = match (head, last) {
             (None, None) => return Ok((0, [0; 32], None)),
             (Some(Some(h)), Some(l)) if h == l => return Ok((h.0, h.1, None)),
@@ -901,6 +965,53 @@ mod tests {
         assert_eq!(log.tail(10).unwrap().len(), 3);
         assert_eq!(log.append(Kind::Admin, CONTROLLER, Fields::new()).unwrap().seq, 4);
         assert!(matches!(log.verify().unwrap(), Verdict::Intact { records: 4, .. }));
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    /// What a crash between an append's head and its records leaves (sled
+    /// recovers a prefix of its log): the head and a prefix of the batch.
+    #[test]
+    fn recovery_completes_an_append_a_crash_interrupted_and_nothing_else() {
+        for kept in 0..3u64 {
+            let (d, store, log) = log_with(&format!("interrupted{kept}"), 2);
+            let entries = (0..3).map(|i| Entry::now(Kind::Admin, CONTROLLER, fields([("n", i.to_string())]))).collect();
+            let batch = log.append_batch(entries).unwrap();
+            for r in &batch[kept as usize..] {
+                log.tree.remove(record_key(r.seq)).unwrap();
+            }
+            let log = AuditLog::from_db(store.db()).unwrap();
+            let (seq, problem) = broken_at(&log);
+            assert_eq!(seq, 3 + kept, "until recovered, the gap shows: {problem}");
+            let note = log.recover().unwrap().unwrap();
+            assert_eq!((note.seq, note.kind), (6, Kind::ChainRepair));
+            assert_eq!(note.fields["restored"], format!("{}..5", 3 + kept));
+            for r in &batch {
+                assert_eq!(&raw(&log, r.seq), r, "kept {kept}");
+            }
+            assert!(matches!(log.verify().unwrap(), Verdict::Intact { records: 6, .. }), "kept {kept}");
+            assert!(log.recover().unwrap().is_none());
+            assert_eq!(log.append(Kind::Admin, CONTROLLER, Fields::new()).unwrap().seq, 7);
+            std::fs::remove_dir_all(&d).ok();
+        }
+        // Without a restart, the next append writes them too.
+        let (d, _store, log) = log_with("interrupted-append", 2);
+        let batch = log.append_batch(vec![Entry::now(Kind::Admin, CONTROLLER, Fields::new())]).unwrap();
+        log.tree.remove(record_key(3)).unwrap();
+        let r = log.append(Kind::Admin, CONTROLLER, Fields::new()).unwrap();
+        assert_eq!(raw(&log, 3), batch[0]);
+        assert_eq!((raw(&log, 4).kind, r.seq), (Kind::ChainRepair, 5));
+        assert!(matches!(log.verify().unwrap(), Verdict::Intact { records: 5, .. }));
+        std::fs::remove_dir_all(&d).ok();
+        // Records missing before the newest append's are a truncation, not a crash.
+        let (d, store, log) = log_with("interrupted-trunc", 5);
+        log.tree.remove(record_key(5)).unwrap();
+        log.tree.remove(record_key(4)).unwrap();
+        let log = AuditLog::from_db(store.db()).unwrap();
+        assert!(log.recover().unwrap().is_none());
+        assert!(log.tree.get(record_key(5)).unwrap().is_none());
+        let (seq, problem) = broken_at(&log);
+        assert_eq!(seq, 4);
+        assert!(problem.contains("truncated") && problem.contains("4..5"), "{problem}");
         std::fs::remove_dir_all(&d).ok();
     }
 

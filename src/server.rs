@@ -103,6 +103,7 @@ impl Grid {
         let store = Store::open(&cfg.db_dir())?;
         let decoy_secret = store.secret("scram-decoy")?;
         let audit_log = crate::audit::AuditLog::open(&store).map_err(|e| ServerError::Broker(format!("audit log: {e}")))?;
+        audit_log.recover().map_err(|e| ServerError::Broker(format!("audit log: {e}")))?;
         pki::write_crl(&cfg.tls_dir(), &store.revoked_serials()?, CRL_DAYS)?;
         let tls = build_tls(&cfg)?;
         let sessions = Arc::new(Sessions::default());
