@@ -9,7 +9,6 @@
 use super::model::{Item, NodeId, NodeRecord, SubRecord};
 use crate::jid::BareJid;
 use bytes::Bytes;
-use sled::Transactional;
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,31 +147,25 @@ impl BrokerStore for SledStore {
 
     fn delete_node(&mut self, node: &NodeId) -> Result<(), BrokerStoreError> {
         self.nodes.remove(node.0.as_bytes())?;
+        // Index before payloads, as in `delete_item`.
         let prefix = node_prefix(node);
-        for tree in [&self.items, &self.index] {
-            let mut batch = sled::Batch::default();
+        for tree in [&self.index, &self.items] {
             for k in tree.scan_prefix(&prefix).keys() {
-                batch.remove(k?);
+                tree.remove(k?)?;
             }
-            tree.apply_batch(batch)?;
         }
         Ok(())
     }
 
     fn put_item(&mut self, node: &NodeId, item: &Item) -> Result<(), BrokerStoreError> {
+        // Payload, then index: sled recovers a prefix of its log, so a crash
+        // never leaves an index entry without its payload (a payload without
+        // an index entry is never loaded, and is overwritten or removed with
+        // its node). No sled transaction or batch (see `crate::store`).
         let k = item_key(node, item.seq);
-        // Payload and index in one transaction: a crash never leaves one without the other.
-        let meta = encode_meta(item);
-        (&self.items, &self.index)
-            .transaction(|(items, index)| {
-                items.insert(k.as_slice(), item.payload.as_ref())?;
-                index.insert(k.as_slice(), meta.as_slice())?;
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => BrokerStoreError::Db(e),
-                sled::transaction::TransactionError::Abort(()) => corrupt("pubsub.items", "aborted"),
-            })
+        self.items.insert(k.as_slice(), item.payload.as_ref())?;
+        self.index.insert(k.as_slice(), encode_meta(item))?;
+        Ok(())
     }
 
     fn delete_item(&mut self, node: &NodeId, seq: u64) -> Result<(), BrokerStoreError> {
