@@ -449,13 +449,13 @@ impl AuditLog {
         let (mut seq, mut prev, repair) = self.next_link()?;
         let mut records = Vec::with_capacity(entries.len() + 1);
         for e in repair.into_iter().chain(entries) {
-                seq += 1;
-                let ts = crate::pubsub::protocol::xep0082(e.time_ms, true);
-                let mut r = Record { seq, ts, kind: e.kind, subject: e.subject, fields: e.fields, prev: hex(&prev), hash: String::new() };
-                let h = r.compute_hash(&prev);
-                r.hash = hex(&h);
-                prev = h;
-                records.push(r);
+            seq += 1;
+            let ts = crate::pubsub::protocol::xep0082(e.time_ms, true);
+            let mut r = Record { seq, ts, kind: e.kind, subject: e.subject, fields: e.fields, prev: hex(&prev), hash: String::new() };
+            let h = r.compute_hash(&prev);
+            r.hash = hex(&h);
+            prev = h;
+            records.push(r);
         }
         let head = StoredHead { seq, hash: hex(&prev), batch: records };
         self.tree.insert(HEAD_KEY, serde_json::to_vec(&head).unwrap_or_default())?;
