@@ -44,6 +44,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+/// Platforms' requests waiting for the broker thread before new ones are
+/// refused (`resource-constraint`, type wait): a client cannot queue without bound.
+const INBOX: usize = 4096;
 /// Items replayed to one subscription per round of offline delivery.
 const CATCHUP_BATCH: usize = 64;
 /// How often catch-up rounds run while a subscription is catching up.
@@ -127,6 +130,8 @@ struct Shared<S: BrokerStore> {
     commit: Arc<Bell>,
     /// Least time from one flush's start to the next one's.
     commit_interval: Duration,
+    /// The broker's address, for the errors it sends.
+    jid: String,
     flusher: Arc<dyn Fn() -> Result<(), super::store::BrokerStoreError> + Send + Sync>,
 }
 
@@ -172,6 +177,61 @@ fn hold<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<S: BrokerStore + 'static> Shared<S> {
+    /// The broker's state, its threads not started yet.
+    fn new(
+        service: Service<S>,
+        sessions: Arc<Sessions>,
+        jid: String,
+        plugins: Option<Plugins>,
+        commit_interval: Duration,
+    ) -> std::io::Result<Arc<Shared<S>>> {
+        // Validators hand their verdicts back through this, once it is set.
+        let back: Arc<std::sync::OnceLock<Weak<Shared<S>>>> = Arc::default();
+        let plugins = match plugins {
+            None => None,
+            Some(p) => {
+                let back = back.clone();
+                let done: Arc<dyn Fn(Checked<Waiting>) + Send + Sync> = Arc::new(move |c| {
+                    if let Some(shared) = back.get().and_then(Weak::upgrade) {
+                        shared.run(Cmd::Checked(c));
+                    }
+                });
+                Some(PluginState {
+                    validators: Validators::start(p.threads, p.queue, done)?,
+                    views: Views::new(p.host.clone(), p.env.clone(), p.max_payload_bytes),
+                    host: p.host,
+                    env: p.env,
+                    inflight: HashMap::new(),
+                })
+            }
+        };
+        let task = Task {
+            plugins,
+            svc: service,
+            sessions,
+            jid: jid.clone(),
+            live: HashMap::new(),
+            pending: Vec::new(),
+            flushing: false,
+            flush_needed: false,
+            catchup: VecDeque::new(),
+            jids: Default::default(),
+        };
+        let shared = Arc::new(Shared {
+            flusher: Arc::from(task.svc.flusher()),
+            task: Mutex::new(task),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Default::default(),
+            slow: Default::default(),
+            bell: Arc::default(),
+            commit: Arc::default(),
+            commit_interval,
+            jid,
+        });
+        let _ = back.set(Arc::downgrade(&shared));
+        Ok(shared)
+    }
+
     /// Runs `cmd` here and now if it is quick and nothing queued is before it;
     /// else queues it for the broker thread. Wakes the thread if it has work.
     fn run(&self, cmd: Cmd) {
@@ -182,6 +242,14 @@ impl<S: BrokerStore + 'static> Shared<S> {
                 self.wake(t);
                 return;
             }
+        }
+        if let Cmd::Stanza(session, stanza) = &cmd
+            && self.queued.load(Ordering::Acquire) >= INBOX
+        {
+            // Overloaded: say so instead of queueing without bound. Presence,
+            // verdicts and the controller's own work are never refused.
+            let e = StanzaError::new("resource-constraint").kind(ErrorType::Wait).text("the broker is busy; retry");
+            return send_error(&self.jid, session, stanza, e);
         }
         {
             let mut q = hold(&self.queue);
@@ -333,56 +401,15 @@ impl Broker {
         plugins: Option<Plugins>,
         commit_interval: Duration,
     ) -> std::io::Result<Arc<Broker>> {
-        // Validators hand their verdicts back through this, once it is set.
-        let back: Arc<std::sync::OnceLock<Weak<Shared<S>>>> = Arc::default();
-        let plugins = match plugins {
-            None => None,
-            Some(p) => {
-                let back = back.clone();
-                let done: Arc<dyn Fn(Checked<Waiting>) + Send + Sync> = Arc::new(move |c| {
-                    if let Some(shared) = back.get().and_then(Weak::upgrade) {
-                        shared.run(Cmd::Checked(c));
-                    }
-                });
-                Some(PluginState {
-                    validators: Validators::start(p.threads, p.queue, done)?,
-                    views: Views::new(p.host.clone(), p.env.clone(), p.max_payload_bytes),
-                    host: p.host,
-                    env: p.env,
-                    inflight: HashMap::new(),
-                })
-            }
-        };
-        let (bell, commit) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
-        let task = Task {
-            plugins,
-            svc: service,
-            sessions,
-            jid: jid.clone(),
-            live: HashMap::new(),
-            pending: Vec::new(),
-            flushing: false,
-            flush_needed: false,
-            catchup: VecDeque::new(),
-            jids: Default::default(),
-        };
-        let shared = Arc::new(Shared {
-            flusher: Arc::from(task.svc.flusher()),
-            task: Mutex::new(task),
-            queue: Mutex::new(VecDeque::new()),
-            queued: Default::default(),
-            slow: Default::default(),
-            bell: bell.clone(),
-            commit: commit.clone(),
-            commit_interval,
-        });
-        let _ = back.set(Arc::downgrade(&shared));
+        let shared = Shared::new(service, sessions, jid.clone(), plugins, commit_interval)?;
+        let (bell, commit) = (shared.bell.clone(), shared.commit.clone());
         let on_thread = shared.clone();
         std::thread::Builder::new().name("xg-broker".into()).spawn(move || on_thread.thread())?;
         let on_thread = shared.clone();
         std::thread::Builder::new().name("xg-commit".into()).spawn(move || on_thread.committer())?;
         Ok(Arc::new(Broker { run: Arc::new(move |cmd| shared.run(cmd)), bell, commit, jid }))
     }
+
 
     /// Saves delivery progress and waits until all accepted changes are durable
     /// (at shutdown, after the sessions have ended).
@@ -461,7 +488,7 @@ struct Task<S: BrokerStore> {
     live: HashMap<String, Live>,
     /// Waiting for the flush after the one in progress.
     pending: Vec<Pending>,
-    /// The broker thread is flushing (it takes `pending` again when done).
+    /// The commit thread is flushing (it takes `pending` again when done).
     flushing: bool,
     /// Cursor updates were written to the store and want a flush.
     flush_needed: bool,
@@ -480,6 +507,13 @@ struct Shaping {
     memo: HashMap<(usize, bool), Option<Bytes>>,
 }
 
+/// Answers `stanza` with `e`, from the broker at `jid`.
+fn send_error(jid: &str, session: &SessionHandle, stanza: &Element, e: StanzaError) {
+    if let Some(mut r) = e.reply_to(stanza) {
+        r.set_attr("from", jid);
+        let _ = session.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
+    }
+}
 
 /// The node and payload namespace of a publish request (XEP-0060 §7.1).
 fn publish_of(stanza: &Element) -> Option<(&str, &str)> {
@@ -729,10 +763,7 @@ impl<S: BrokerStore + 'static> Task<S> {
     }
 
     fn send_error(&self, session: &SessionHandle, stanza: &Element, e: StanzaError) {
-        if let Some(mut r) = e.reply_to(stanza) {
-            r.set_attr("from", &self.jid);
-            let _ = session.deliver(Bytes::from(r.to_bytes(ns::CLIENT)));
-        }
+        send_error(&self.jid, session, stanza, e)
     }
 
     /// A flush finished: acknowledge the batch and fan out its notifications.
@@ -1345,6 +1376,29 @@ mod tests {
         let want: Vec<String> = (0..100).flat_map(|i| [format!("c{i}"), format!("p{i}")]).collect();
         assert_eq!(ids, want);
         assert!(got.iter().all(|s| s.contains("type='result'")), "{:?}", got.iter().find(|s| !s.contains("type='result'")));
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_inbox_are_refused_but_presence_never_is() {
+        let gate = Arc::new(Gate::default());
+        let sessions = Arc::new(Sessions::default());
+        // No threads started: nothing drains the queue.
+        let shared = Shared::new(service(&gate, 0), sessions.clone(), "broker.grid.test".into(), None, Duration::ZERO).unwrap();
+        let (alice, mut rx) = sessions.bind(bare("alice@grid.test").with_resource("r").unwrap(), 16, login());
+        for i in 0..=INBOX {
+            let get = format!(
+                "<iq type='get' id='g{i}' from='alice@grid.test/r' to='broker.grid.test'>\
+                 <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='incidents'/></pubsub></iq>"
+            );
+            shared.run(Cmd::Stanza(alice.clone(), stanza(&get)));
+        }
+        assert_eq!(shared.queued.load(Ordering::SeqCst), INBOX);
+        let got = drain(&mut rx, QUIET).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains(&format!("id='g{INBOX}'")) && got[0].contains("type='wait'"), "{}", got[0]);
+        assert!(got[0].contains("<resource-constraint") && got[0].contains("from='broker.grid.test'"), "{}", got[0]);
+        shared.run(Cmd::Presence(alice.clone(), true));
+        assert_eq!(shared.queued.load(Ordering::SeqCst), INBOX + 1);
     }
 
     #[tokio::test]
